@@ -1,0 +1,1 @@
+"""Job launchers, installed as ``llip_scale.launchers``."""

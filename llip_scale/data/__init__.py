@@ -1,0 +1,1 @@
+"""Data: webdataset shards, the resumable stream, transforms, tokenizer."""

@@ -1,0 +1,87 @@
+"""Model config dataclasses: vision tower, text tower, head."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+HeadKind = Literal["llip", "siglip", "clip", "registers", "meanpool"]
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        from llip_scale.config import ConfigError  # late: config imports this module
+        raise ConfigError(message)
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    num_tokens: int = 32  # K learnable mixture tokens in place of CLS (K=1: a CLS ViT)
+
+    def validate(self, name: str) -> None:
+        _check(self.num_tokens >= 1, f"{name}.num_tokens (K) must be >= 1, got {self.num_tokens}")
+        _check(self.image_size % self.patch_size == 0,
+               f"{name}.image_size={self.image_size} is not divisible by {name}.patch_size={self.patch_size}")
+        _check(self.width % self.heads == 0,
+               f"{name}.width={self.width} is not divisible by {name}.heads={self.heads}")
+        _check(min(self.width, self.depth, self.heads, self.mlp_dim) >= 1,
+               f"{name}: width, depth, heads and mlp_dim must be >= 1")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    depth: int = 12
+    heads: int = 8
+    mlp_dim: int = 2048
+    eot_id: int = 2  # the text is pooled at its first EOT token
+    pad_id: int = 0
+
+    def validate(self, name: str) -> None:
+        _check(self.width % self.heads == 0,
+               f"{name}.width={self.width} is not divisible by {name}.heads={self.heads}")
+        _check(0 <= self.eot_id < self.vocab_size, f"{name}.eot_id must be in [0, vocab_size)")
+        _check(self.context_length >= 2, f"{name}.context_length must be >= 2")
+
+
+@dataclass
+class HeadConfig:
+    kind: HeadKind = "llip"
+    embed_dim: int = 512  # E
+    num_heads: int = 8  # H, cross-attention heads of the Llip mixing
+    tau: float = 5.0  # softmax temperature of the mixing (no 1/sqrt(d))
+    use_norm: bool = False  # LayerNorm over E on keys, values and queries
+    init_logit_scale: Optional[float] = None  # default: ln(1/0.07) (clip, llip), ln(10) (siglip family)
+    init_logit_bias: float = -10.0
+    max_logit_scale: float = math.log(100.0)
+
+    def validate(self, name: str) -> None:
+        _check(self.embed_dim >= 1, f"{name}.embed_dim must be >= 1")
+        _check(self.num_heads >= 1 and self.embed_dim % self.num_heads == 0,
+               f"{name}.embed_dim={self.embed_dim} is not divisible by {name}.num_heads={self.num_heads}")
+        _check(self.tau > 0, f"{name}.tau must be > 0, got {self.tau}")
+
+    def logit_scale_init(self) -> float:
+        if self.init_logit_scale is not None:
+            return self.init_logit_scale
+        return math.log(1 / 0.07) if self.kind in ("llip", "clip") else math.log(10.0)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)

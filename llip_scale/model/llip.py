@@ -1,0 +1,165 @@
+"""Llip and its baselines on the same two towers.
+
+Llip:      images -> VisionTransformer -> s [B, K, width] -> per-token k/v projections
+           -> keys, values [B, K, E];   tokens -> TextTransformer -> h [B, tw]
+           -> queries = h @ W_q, targets = h @ W_text [B, E];   the pair head mixes every image
+           for every text and scores it (llip_scale.pairs).
+Baselines: one pooled image vector (token 0: ``siglip``/``clip``/``registers``; mean of the K
+           tokens: ``meanpool``) projected to E and scored by a dot product.
+
+Parameters are only read inside the forward of the module that owns them, so the model works
+under DeepSpeed ZeRO-3, which gathers a module's parameters just for its own forward.
+Distributed training passes ``gather`` (an all-gather with gradient) and the positive
+``offset``; this module never imports torch.distributed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llip_scale.model.config import ModelConfig
+from llip_scale.model.text import TextTransformer
+from llip_scale.model.vision import VisionTransformer
+from llip_scale.pairs import clip_loss, pair_loss, pair_scores, sigmoid_loss
+
+Gather = Callable[[Tensor], Tensor]
+Features = tuple[Tensor, ...]
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def _norm(dim: int, on: bool) -> nn.Module:
+    return nn.LayerNorm(dim) if on else nn.Identity()
+
+
+class LlipImageProjection(nn.Module):
+    """Per-token projections: key[b, k] = s[b, k] @ W_k[k], value[b, k] = s[b, k] @ W_v[k]."""
+
+    def __init__(self, num_tokens: int, width: int, embed_dim: int, use_norm: bool):
+        super().__init__()
+        std = width ** -0.5
+        self.k_proj = nn.Parameter(std * torch.randn(num_tokens, width, embed_dim))
+        self.v_proj = nn.Parameter(std * torch.randn(num_tokens, width, embed_dim))
+        self.k_norm = _norm(embed_dim, use_norm)
+        self.v_norm = _norm(embed_dim, use_norm)
+
+    def forward(self, s: Tensor) -> tuple[Tensor, Tensor]:
+        keys = torch.einsum("bkw,kwe->bke", s, self.k_proj.to(s.dtype))  # [B, K, E]
+        values = torch.einsum("bkw,kwe->bke", s, self.v_proj.to(s.dtype))
+        return self.k_norm(keys), self.v_norm(values)
+
+
+class LlipPairHead(nn.Module):
+    """Owns W_o, logit scale and bias; runs the all-pairs computation in its forward."""
+
+    def __init__(self, cfg: ModelConfig, backend: str = "auto", chunk_size: Optional[int] = None):
+        super().__init__()
+        e = cfg.head.embed_dim
+        self.num_heads, self.tau = cfg.head.num_heads, cfg.head.tau
+        self.backend, self.chunk_size = backend, chunk_size
+        self.out_proj = nn.Parameter(e ** -0.5 * torch.randn(e, e))  # W_o, applied as mixed @ W_o
+        self.logit_scale = nn.Parameter(torch.tensor(cfg.head.logit_scale_init()))
+        self.logit_bias = nn.Parameter(torch.tensor(cfg.head.init_logit_bias))
+
+    def forward(self, keys: Tensor, values: Tensor, queries: Tensor, targets: Tensor, *,
+                offset: int = 0, normalizer: Optional[float] = None, scores: bool = False,
+                tau: Optional[float] = None) -> Tensor:
+        kw = dict(num_heads=self.num_heads, tau=tau or self.tau, backend=self.backend,
+                  chunk_size=self.chunk_size)
+        args = (keys, values, self.out_proj.to(keys.dtype), queries, targets, self.logit_scale, self.logit_bias)
+        if scores:
+            return pair_scores(*args, **kw)
+        return pair_loss(*args, offset=offset, normalizer=normalizer, **kw)
+
+
+class PooledHead(nn.Module):
+    """One image vector: token 0 (siglip, clip, registers) or the mean of the K tokens (meanpool)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.head.kind
+        self.proj = nn.Linear(cfg.vision.width, cfg.head.embed_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=cfg.vision.width ** -0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(cfg.head.logit_scale_init()))
+        self.logit_bias = nn.Parameter(torch.tensor(cfg.head.init_logit_bias))
+
+    def pool(self, s: Tensor) -> Tensor:
+        vec = s.mean(dim=1) if self.kind == "meanpool" else s[:, 0]
+        return F.normalize(self.proj(vec), dim=-1)  # [B, E]
+
+    def forward(self, images: Tensor, texts: Tensor, all_images: Optional[Tensor], all_texts: Tensor, *,
+                offset: int = 0, normalizer: Optional[float] = None, scores: bool = False) -> Tensor:
+        if scores:
+            return self.logit_scale.exp() * images @ texts.t() + (self.logit_bias if self.kind != "clip" else 0)
+        if self.kind == "clip":
+            return clip_loss(images, texts, all_images, all_texts, self.logit_scale, offset=offset)
+        return sigmoid_loss(images, all_texts, self.logit_scale, self.logit_bias, offset=offset,
+                            normalizer=normalizer)
+
+
+class ContrastiveModel(nn.Module):
+    """Vision tower + text tower + head (Llip or a pooled baseline)."""
+
+    def __init__(self, cfg: ModelConfig, backend: str = "auto", chunk_size: Optional[int] = None):
+        super().__init__()
+        self.cfg = cfg
+        e, tw = cfg.head.embed_dim, cfg.text.width
+        self.visual = VisionTransformer(cfg.vision)
+        self.text = TextTransformer(cfg.text)
+        self.text_projection = nn.Linear(tw, e, bias=False)  # W_text: the targets t
+        nn.init.normal_(self.text_projection.weight, std=tw ** -0.5)
+        self.is_llip = cfg.head.kind == "llip"
+        if self.is_llip:
+            self.image_proj = LlipImageProjection(cfg.vision.num_tokens, cfg.vision.width, e, cfg.head.use_norm)
+            self.q_proj = nn.Linear(tw, e, bias=False)  # W_q: the queries
+            nn.init.normal_(self.q_proj.weight, std=tw ** -0.5)
+            self.q_norm = _norm(e, cfg.head.use_norm)
+            self.head = LlipPairHead(cfg, backend, chunk_size)
+        else:
+            self.head = PooledHead(cfg)
+
+    # -- encoders ---------------------------------------------------------------------------
+    def encode_image(self, images: Tensor) -> Features:
+        """Llip: (keys, values) [B, K, E]; baselines: (unit vector [B, E],)."""
+        s = self.visual(images)  # [B, K, width]
+        return self.image_proj(s) if self.is_llip else (self.head.pool(s),)
+
+    def encode_text(self, tokens: Tensor) -> Features:
+        """Llip: (queries, targets) [B, E]; baselines: (unit vector [B, E],)."""
+        h = self.text(tokens)  # [B, text width]
+        if self.is_llip:
+            return self.q_norm(self.q_proj(h)), self.text_projection(h)
+        return (F.normalize(self.text_projection(h), dim=-1),)
+
+    def score(self, image_features: Features, text_features: Features, tau: Optional[float] = None) -> Tensor:
+        """Scores [N_images, N_texts] (the logits of the sigmoid loss)."""
+        if self.is_llip:
+            return self.head(*image_features, *text_features, scores=True, tau=tau)
+        return self.head(image_features[0], text_features[0], None, None, scores=True)
+
+    # -- training ---------------------------------------------------------------------------
+    def forward(self, images: Tensor, tokens: Tensor, gather: Optional[Gather] = None, offset: int = 0) -> Tensor:
+        """Loss of the local batch. ``gather`` all-gathers [B_local, ...] -> [B_global, ...]."""
+        gather = gather or _identity
+        img = self.encode_image(images)
+        txt = self.encode_text(tokens)
+        if self.is_llip:
+            queries, targets = gather(txt[0]), gather(txt[1])
+            return self.head(img[0], img[1], queries, targets, offset=offset)
+        all_images = gather(img[0]) if self.head.kind == "clip" else None
+        return self.head(img[0], txt[0], all_images, gather(txt[0]), offset=offset)
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Keep logit_scale in [0, ln 100] (called after each optimizer step)."""
+        self.head.logit_scale.clamp_(0, self.cfg.head.max_logit_scale)
+
+
+def build_model(cfg: ModelConfig, backend: str = "auto", chunk_size: Optional[int] = None) -> ContrastiveModel:
+    return ContrastiveModel(cfg, backend, chunk_size)
