@@ -189,6 +189,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -310,7 +315,7 @@ def _validate_tree(cfg: Any, name: str) -> None:
 def validate(cfg: Config) -> Config:
     """Run every node's checks and the cross-section checks; return ``cfg``."""
     _validate_tree(cfg, "")
-    check(cfg.model.text.context_length == cfg.data.context_length,
+    check(cfg.data.context_length in (None, cfg.model.text.context_length),
           f"model.text.context_length={cfg.model.text.context_length} differs from "
           f"data.context_length={cfg.data.context_length}; set both to the same value")
     return cfg

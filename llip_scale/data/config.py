@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 @dataclass
 class DataConfig:
     shards: str = ""  # webdataset spec: brace patterns, several sources separated by '::'
     tokenizer: str = field(default="", metadata={"path": "file"})  # sentencepiece model file
-    context_length: int = 77
+    context_length: Optional[int] = None  # None: the text tower's context_length
     workers: int = 2
     seed: int = 0
 
