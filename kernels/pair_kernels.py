@@ -34,7 +34,7 @@ MODE_SCORES = 0  # write s [Bi, Bt]
 MODE_LOSS = 1  # write the loss sum of each tile
 MODE_LOSS_STATS = 2  # ... and cos, ||z|| per pair for the backward
 MIN_BT = 16  # the smallest text block: partial-sum buffers are laid out for it
-EPS = 1e-12  # F.normalize's floor on ||z||
+EPS = tl.constexpr(1e-12)  # F.normalize's floor on ||z||
 
 
 @triton.jit
@@ -118,7 +118,7 @@ def _gram_block(g_ptr, row_block, col_block, NBK: tl.constexpr, KC: tl.constexpr
 
 @triton.jit
 def _pairs_fwd_kernel(Q, U, Kx, V, G, Scale, Bias, Out, Cos, Nrm,
-                      n_img, n_txt, n_tok, E, offset, scale_log2, out_stride,
+                      n_img, n_txt, n_tok, E, offset, scale_log2, out_stride, stat_stride,
                       H: tl.constexpr, NC: tl.constexpr, NB: tl.constexpr, NBK: tl.constexpr,
                       D: tl.constexpr, BD: tl.constexpr, KC: tl.constexpr, EVEN_D: tl.constexpr,
                       PREC: tl.constexpr, MODE: tl.constexpr, GROUP: tl.constexpr, BT: tl.constexpr):
@@ -145,21 +145,21 @@ def _pairs_fwd_kernel(Q, U, Kx, V, G, Scale, Bias, Out, Cos, Nrm,
     cos = num / tl.maximum(norm, EPS)
     s = tl.exp(tl.load(Scale).to(tl.float32)) * cos + tl.load(Bias).to(tl.float32)
     if MODE == 0:
-        tl.store(Out + img64 * n_txt + rows, s, mask=row_mask)
+        tl.store(Out + img64 * stat_stride + rows, s, mask=row_mask)
     else:
         # softplus(-y s): y = +1 only at column offset + image (positives from the index).
         x = tl.where(rows == offset + img, -s, s)
         sp = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
         tl.store(Out + img64 * out_stride + tb, tl.sum(tl.where(row_mask, sp, 0.0), 0))
         if MODE == 2:
-            tl.store(Cos + img64 * n_txt + rows, cos, mask=row_mask)
-            tl.store(Nrm + img64 * n_txt + rows, norm, mask=row_mask)
+            tl.store(Cos + img64 * stat_stride + rows, cos, mask=row_mask)
+            tl.store(Nrm + img64 * stat_stride + rows, norm, mask=row_mask)
 
 
 @triton.jit
 def _pairs_bwd_kernel(Q, U, Kx, V, G, Scale, Bias, GradScale, Cos, Nrm,
                       dQ, dU, dK, dV, dG, dSB,
-                      n_img, n_txt, n_tok, E, offset, scale_log2, inv_tau, out_stride,
+                      n_img, n_txt, n_tok, E, offset, scale_log2, inv_tau, out_stride, stat_stride,
                       H: tl.constexpr, NC: tl.constexpr, NB: tl.constexpr, NBK: tl.constexpr,
                       D: tl.constexpr, BD: tl.constexpr, KC: tl.constexpr, EVEN_D: tl.constexpr,
                       PREC: tl.constexpr, GROUP: tl.constexpr, BT: tl.constexpr):
@@ -176,8 +176,8 @@ def _pairs_bwd_kernel(Q, U, Kx, V, G, Scale, Bias, GradScale, Cos, Nrm,
     dt = Q.dtype.element_ty
 
     # dL/ds from the saved (cos, ||z||): sigmoid(s) - [positive], times dL/dloss / normalizer.
-    cos = tl.load(Cos + img64 * n_txt + rows, mask=row_mask, other=0.0)
-    norm = tl.load(Nrm + img64 * n_txt + rows, mask=row_mask, other=1.0)
+    cos = tl.load(Cos + img64 * stat_stride + rows, mask=row_mask, other=0.0)
+    norm = tl.load(Nrm + img64 * stat_stride + rows, mask=row_mask, other=1.0)
     scale = tl.exp(tl.load(Scale).to(tl.float32))
     s = scale * cos + tl.load(Bias).to(tl.float32)
     g = tl.sigmoid(s) - tl.where(rows == offset + img, 1.0, 0.0)
@@ -237,11 +237,12 @@ def _pairs_bwd_kernel(Q, U, Kx, V, G, Scale, Bias, GradScale, Cos, Nrm,
 
         # dG += dsq a a^T, upper block triangle only (off-diagonal blocks doubled): the caller
         # symmetrises, which is all the backward of G = V' V'^T needs.
+        # (The block index h * NC + c is spelled out: a name bound to it would not stay constexpr.)
         for c in tl.static_range(NC):
-            b = h * NC + c
-            x = (dsq[:, None] * blocks[b].to(tl.float32)).to(dt)
-            for b2 in tl.static_range(b + 1):
+            x = (dsq[:, None] * blocks[h * NC + c].to(tl.float32)).to(dt)
+            for b2 in tl.static_range(h * NC + c + 1):
                 blk = tl.dot(tl.trans(blocks[b2]), x, input_precision=PREC)
-                if b2 < b:
+                if b2 < h * NC + c:
                     blk = 2.0 * blk
-                tl.atomic_add(dg_ptr + (b2 * KC + r)[:, None] * NBK + (b * KC + r)[None, :], blk, sem="relaxed")
+                tl.atomic_add(dg_ptr + (b2 * KC + r)[:, None] * NBK + ((h * NC + c) * KC + r)[None, :], blk,
+                              sem="relaxed")

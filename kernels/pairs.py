@@ -6,12 +6,14 @@ Importing this module registers the backend with ``llip_scale.pairs``. Data flow
               for each chunk of images:  V' = values folded with W_o,  G = V' V'^T [c, HK', HK']
                   fused kernel over (image, text block) tiles -> loss sum per tile
                   (+ cos, ||z|| per pair [2, Bi, Bt] fp32 when a gradient is needed)
-    backward: recompute U; per chunk of images recompute V', G; fused kernel -> fp32 atomics into
-              dQ, dU [Bt, E], dK, dV [c, K, E], dG [c, HK', HK'] (+ dlogit_scale/bias per tile);
-              dG -> dV, dW_o and dU -> dt, dW_o in PyTorch (fp32).
+    backward: recompute U; for each chunk of texts, for each chunk of images: recompute V', G;
+              fused kernel -> fp32 atomics into dQ, dU [c_t, E], dK, dV [Bi, K, E],
+              dG [c_i, HK', HK'] (+ dlogit_scale/bias per tile); then in PyTorch (fp32)
+              dG -> dV, dW_o per image chunk and dU -> dt, dW_o per text chunk.
 
-Nothing of size Bi x Bt x K or Bi x Bt x E is ever allocated; G and the fp32 image-side
-accumulators exist for one chunk of images at a time, sized from the inputs (``image_chunk``).
+Nothing of size Bi x Bt x K or Bi x Bt x E is ever allocated; G and dG exist for one chunk of
+images at a time and the fp32 text accumulators for one chunk of texts, both sized so that the
+extra memory stays within twice the size of the inputs (``plan_chunks``, ``workspace_bytes``).
 HK' = H * K rounded up to the token block KC per head (zero rows and columns of G).
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (correctness only: the
@@ -32,7 +34,7 @@ from llip_scale.kernels import pair_kernels as pk
 from llip_scale.pairs import register_backend
 from llip_scale.pairs.chunked import chunked_scores
 
-__all__ = ["triton_loss", "triton_scores", "KernelPlan", "make_plan", "image_chunk", "workspace_bytes",
+__all__ = ["triton_loss", "triton_scores", "KernelPlan", "make_plan", "Chunks", "plan_chunks", "workspace_bytes",
            "interpreting"]
 
 GROUP = 8  # images per band of the program order (L2 reuse of G and the text blocks)
@@ -90,28 +92,58 @@ def make_plan(num_tokens: int, embed_dim: int, num_heads: int, dtype: torch.dtyp
     return KernelPlan(num_heads, d, num_tokens, kc, math.ceil(num_tokens / kc), _head_dim_step(d), prec)
 
 
-def image_chunk(bi: int, bt: int, plan: KernelPlan, embed_dim: int, elt: int) -> int:
-    """Images per launch: the per-chunk tensors (G, V', dV', fp32 dG, dK, dV) stay within a
-    quarter of the size of the inputs (at least 32 MiB), so they never dominate memory."""
-    inputs = (2 * bi * plan.tokens * embed_dim + 2 * bt * embed_dim + embed_dim ** 2) * elt
-    per_image = (plan.nbk ** 2 * (elt + 4 + 4)  # G in the input dtype, fp32 G and dG
-                 + 2 * plan.nbk * embed_dim * 4  # V' and dV' (fp32)
-                 + 2 * plan.tokens * embed_dim * 4)  # dK, dV accumulators
-    return max(1, min(bi, max(inputs // 4, 32 << 20) // per_image))
+@dataclass(frozen=True)
+class Chunks:
+    """Images and texts per launch."""
+    images: int
+    texts: int
+
+
+# Fixed chunk sizes (None: sized from the memory budget below). Small values exercise the chunk
+# loops in tests.
+IMAGE_CHUNK: Optional[int] = None
+TEXT_CHUNK: Optional[int] = None
+TEXT_ALIGN = 64  # text chunks start at multiples of the largest text block
+
+
+def _sizes(bi: int, bt: int, plan: KernelPlan, e: int, elt: int) -> dict:
+    """Bytes of the inputs and of everything the backend allocates, by what they scale with."""
+    nbk, k = plan.nbk, plan.tokens
+    return dict(
+        inputs=(2 * bi * k * e + 2 * bt * e + e * e) * elt,
+        text_side=bt * e * elt,  # U
+        stats=2 * bi * bt * 4,  # cos, ||z|| per pair (fp32)
+        partials=3 * bi * triton.cdiv(bt, pk.MIN_BT) * 4,  # loss, dlogit_scale, dlogit_bias per tile
+        image_acc=(2 * bi * k * e * 4 if elt != 4 else 0) + e * e * 4,  # fp32 dK, dV (unless fp32 already), dW
+        # G (input dtype and fp32), dG and its symmetrisation (fp32), V' and dV' (fp32)
+        per_image=nbk * nbk * (elt + 12) + 2 * nbk * e * 4,
+        per_text=3 * e * 4,  # fp32 dQ, dU and dU @ W_o
+    )
+
+
+def plan_chunks(bi: int, bt: int, plan: KernelPlan, e: int, elt: int) -> Chunks:
+    """Chunks such that the backward's extra memory stays within twice the size of its inputs:
+    an eighth of the inputs for a chunk of images, what is left for the fp32 text accumulators."""
+    z = _sizes(bi, bt, plan, e, elt)
+    image_budget = max(z["inputs"] // 8, 16 << 20)
+    images = IMAGE_CHUNK or max(1, min(bi, image_budget // z["per_image"]))
+    fixed = z["text_side"] + z["stats"] + z["partials"] + z["image_acc"] + images * z["per_image"]
+    text_budget = max(2 * z["inputs"] - fixed, z["inputs"] // 8, 16 << 20)
+    texts = TEXT_CHUNK or max(TEXT_ALIGN, text_budget // z["per_text"] // TEXT_ALIGN * TEXT_ALIGN)
+    return Chunks(images, min(bt, texts))
 
 
 def workspace_bytes(bi: int, bt: int, num_tokens: int, embed_dim: int, num_heads: int,
                     dtype: torch.dtype, backward: bool = True) -> int:
-    """Bytes the backend allocates beyond its inputs and outputs (peak, by construction)."""
+    """Peak bytes the backend allocates beyond its inputs and outputs (from its chunk plan)."""
     elt = torch.empty((), dtype=dtype).element_size()
     plan = make_plan(num_tokens, embed_dim, num_heads, dtype)
-    ic = image_chunk(bi, bt, plan, embed_dim, elt)
-    u = bt * embed_dim * elt
-    stats = 2 * bi * bt * 4 if backward else 0
-    partial = bi * triton.cdiv(bt, pk.MIN_BT) * 4 * (3 if backward else 1)
-    chunk = ic * (plan.nbk ** 2 * (elt + 8) + 2 * plan.nbk * embed_dim * 4 + 2 * num_tokens * embed_dim * 4)
-    text_acc = 2 * bt * embed_dim * 4 if backward else 0  # fp32 dQ, dU
-    return u + stats + partial + chunk + text_acc + embed_dim ** 2 * 4
+    c = plan_chunks(bi, bt, plan, embed_dim, elt)
+    z = _sizes(bi, bt, plan, embed_dim, elt)
+    if not backward:
+        return z["text_side"] + z["partials"] // 3 + c.images * z["per_image"]
+    return (z["text_side"] + z["stats"] + z["partials"] + z["image_acc"] + c.images * z["per_image"]
+            + c.texts * z["per_text"])
 
 
 # -- per-image and per-text tensors (PyTorch, fp32) --------------------------------------------
@@ -149,32 +181,47 @@ def _text_side(targets: Tensor, w_o: Tensor) -> Tensor:
 
 
 # -- launches -------------------------------------------------------------------------------
-def _configs() -> list:
-    # BT x HK' attention weights live in registers: the prune keeps them to about 64 KB per program.
-    return [triton.Config({"BT": bt}, num_warps=w, num_stages=s)
-            for bt, w, s in ((64, 8, 2), (64, 4, 2), (32, 4, 2), (16, 4, 1))]
+# (BT, num_warps, num_stages) tried by the autotuner. Chosen from the register and spill counts of
+# tools/kernel_resources.py for sm_90; the first entry is the fixed choice without autotuning.
+FWD_CONFIGS = ((64, 8, 2), (16, 8, 2), (32, 8, 2), (16, 4, 2))
+BWD_CONFIGS = ((16, 8, 2), (64, 8, 2), (32, 8, 2))
+REGISTER_BYTES = 64 * 1024  # the BT x HK' attention weights of a program must fit in about this
+
+
+def _fits(bt: int, nbk: int, elt: int) -> bool:
+    return bt * nbk * elt <= REGISTER_BYTES
 
 
 def _prune(configs, named_args, **kwargs):
-    elt = named_args["Q"].element_size()
-    nbk = kwargs.get("NBK", named_args.get("NBK"))
-    fit = [c for c in configs if c.kwargs["BT"] * nbk * elt <= 64 * 1024]
+    nbk, elt = kwargs["NBK"], named_args["Q"].element_size()
+    fit = [c for c in configs if _fits(c.kwargs["BT"], nbk, elt)]
     return fit or [min(configs, key=lambda c: c.kwargs["BT"])]
+
+
+def autotuning() -> bool:
+    """Autotune on the GPU unless LLIP_PAIRS_AUTOTUNE=0 (then the first fitting config is used)."""
+    return os.environ.get("LLIP_PAIRS_AUTOTUNE", "1") != "0"
 
 
 _TUNED: dict[str, object] = {}
 
 
-def _launcher(name: str):
-    """The kernel to launch: autotuned over BT and warps on a GPU, fixed BT=16 in the interpreter."""
+def _launcher(name: str, nbk: int, elt: int):
+    """(kernel, launch options): autotuned over BT and warps on a GPU, a fixed config otherwise;
+    BT = 16 in the interpreter, where every program costs milliseconds."""
     kernel = pk._pairs_fwd_kernel if name == "fwd" else pk._pairs_bwd_kernel
+    table = FWD_CONFIGS if name == "fwd" else BWD_CONFIGS
     if interpreting():
         return kernel, {"BT": pk.MIN_BT}
+    if not autotuning():
+        bt, warps, stages = next((c for c in table if _fits(c[0], nbk, elt)), min(table))
+        return kernel, dict(BT=bt, num_warps=warps, num_stages=stages)
     if name not in _TUNED:
         extra = {}
         if name == "bwd":  # atomics: benchmark runs must not leave their sums behind
-            extra = dict(reset_to_zero=["dK", "dV", "dG"], restore_value=["dQ", "dU"])
-        _TUNED[name] = triton.autotune(_configs(), key=["n_txt", "n_tok", "E"],
+            extra = dict(reset_to_zero=["dG", "dSB"], restore_value=["dQ", "dU", "dK", "dV"])
+        configs = [triton.Config({"BT": bt}, num_warps=w, num_stages=st) for bt, w, st in table]
+        _TUNED[name] = triton.autotune(configs, key=["n_txt", "n_tok", "E"],
                                        prune_configs_by={"early_config_prune": _prune}, **extra)(kernel)
     return _TUNED[name], {}
 
@@ -200,33 +247,33 @@ def _check_dtypes(*xs: Tensor) -> torch.dtype:
     return dtype
 
 
-def _forward(keys, values, w_o, queries, targets, logit_scale, logit_bias, num_heads, tau, offset,
-             mode: int):
-    """Runs the forward kernel over all image chunks. Returns (out, cos, norm)."""
+def _common(keys, values, w_o, queries, targets, logit_scale, logit_bias, num_heads):
+    plan = make_plan(keys.shape[1], keys.shape[2], num_heads, keys.dtype)
+    tensors = dict(q=queries.contiguous(), u=_text_side(targets, w_o), keys=keys.contiguous(),
+                   values=values.contiguous(), scale=logit_scale.detach().reshape(1),
+                   bias=logit_bias.detach().reshape(1))
+    chunks = plan_chunks(keys.shape[0], queries.shape[0], plan, keys.shape[2], keys.element_size())
+    return plan, chunks, tensors
+
+
+def _forward(keys, values, w_o, queries, targets, logit_scale, logit_bias, num_heads, tau, offset, mode: int):
+    """The forward kernel over all chunks of images. Returns (out, stats): scores [Bi, Bt] or loss
+    sums per tile [Bi, Bt / MIN_BT], and [2, Bi, Bt] (cos, ||z||) for MODE_LOSS_STATS."""
     bi, k, e = keys.shape
     bt = queries.shape[0]
-    dtype = keys.dtype
-    plan = make_plan(k, e, num_heads, dtype)
-    u = _text_side(targets, w_o)
-    q = queries.contiguous()
-    keys, values = keys.contiguous(), values.contiguous()
-    scale, bias = logit_scale.detach().reshape(1), logit_bias.detach().reshape(1)
+    plan, chunks, x = _common(keys, values, w_o, queries, targets, logit_scale, logit_bias, num_heads)
     stride = triton.cdiv(bt, pk.MIN_BT)
-    if mode == pk.MODE_SCORES:
-        out = torch.empty(bi, bt, device=keys.device, dtype=torch.float32)
-    else:
-        out = torch.zeros(bi, stride, device=keys.device, dtype=torch.float32)
-    stats = torch.empty(2, bi, bt, device=keys.device, dtype=torch.float32) if mode == pk.MODE_LOSS_STATS else None
-    kernel, fixed = _launcher("fwd")
-    ic = image_chunk(bi, bt, plan, e, keys.element_size())
-    for i0 in range(0, bi, ic):
-        i1 = min(bi, i0 + ic)
-        g = _gram(_fold(values[i0:i1], w_o, plan), plan, dtype)
-        cos = stats[0, i0:i1] if stats is not None else out
-        nrm = stats[1, i0:i1] if stats is not None else out
+    f32 = dict(device=keys.device, dtype=torch.float32)
+    out = torch.empty(bi, bt, **f32) if mode == pk.MODE_SCORES else torch.zeros(bi, stride, **f32)
+    stats = torch.empty(2, bi, bt, **f32) if mode == pk.MODE_LOSS_STATS else None
+    kernel, fixed = _launcher("fwd", plan.nbk, keys.element_size())
+    for i0 in range(0, bi, chunks.images):
+        i1 = min(bi, i0 + chunks.images)
+        g = _gram(_fold(x["values"][i0:i1], w_o, plan), plan, keys.dtype)
+        cos, nrm = (stats[0, i0:i1], stats[1, i0:i1]) if stats is not None else (out, out)
         kernel[_grid(i1 - i0, bt)](
-            q, u, keys[i0:i1], values[i0:i1], g, scale, bias, out[i0:i1], cos, nrm,
-            i1 - i0, bt, k, e, offset + i0, math.log2(math.e) / tau, stride,
+            x["q"], x["u"], x["keys"][i0:i1], x["values"][i0:i1], g, x["scale"], x["bias"], out[i0:i1], cos, nrm,
+            i1 - i0, bt, k, e, offset + i0, math.log2(math.e) / tau, stride, bt,
             MODE=mode, **plan.constexprs(), **fixed)
     return out, stats
 
@@ -246,51 +293,48 @@ class _PairLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         keys, values, w_o, queries, targets, logit_scale, logit_bias, stats = ctx.saved_tensors
-        num_heads, tau, offset, normalizer = ctx.args
-        grads = _backward(keys, values, w_o, queries, targets, logit_scale, logit_bias, stats, grad,
-                          num_heads, tau, offset, normalizer)
+        grads = _backward(keys, values, w_o, queries, targets, logit_scale, logit_bias, stats, grad, *ctx.args)
         return (*grads, None, None, None, None)
 
 
 def _backward(keys, values, w_o, queries, targets, logit_scale, logit_bias, stats, grad, num_heads, tau,
               offset, normalizer):
+    """Texts in chunks (outer: their fp32 accumulators exist for one chunk), images in chunks
+    (inner: G and dG exist for one chunk); keys and values accumulate in fp32 across text chunks."""
     bi, k, e = keys.shape
     bt = queries.shape[0]
-    dtype, dev = keys.dtype, keys.device
-    plan = make_plan(k, e, num_heads, dtype)
-    u = _text_side(targets, w_o)
-    q = queries.contiguous()
-    keys, values = keys.contiguous(), values.contiguous()
-    scale, bias = logit_scale.detach().reshape(1), logit_bias.detach().reshape(1)
-    grad_scale = (grad.detach().float() / normalizer).reshape(1)
+    plan, chunks, x = _common(keys, values, w_o, queries, targets, logit_scale, logit_bias, num_heads)
     stride = triton.cdiv(bt, pk.MIN_BT)
-    f32 = dict(device=dev, dtype=torch.float32)
-    dq, du = torch.zeros(bt, e, **f32), torch.zeros(bt, e, **f32)
+    f32 = dict(device=keys.device, dtype=torch.float32)
+    grad_scale = (grad.detach().float() / normalizer).reshape(1)
     dsb = torch.zeros(bi, stride, 2, **f32)
-    d_keys, d_values = torch.empty_like(keys), torch.empty_like(values)
+    d_keys, d_values = torch.zeros(bi, k, e, **f32), torch.zeros(bi, k, e, **f32)
+    d_queries, d_targets = torch.empty_like(queries), torch.empty_like(targets)
     d_w = torch.zeros(e, e, **f32)
-    kernel, fixed = _launcher("bwd")
-    ic = image_chunk(bi, bt, plan, e, keys.element_size())
-    for i0 in range(0, bi, ic):
-        i1 = min(bi, i0 + ic)
-        folded = _fold(values[i0:i1], w_o, plan)
-        g = _gram(folded, plan, dtype)
-        dk, dv = torch.zeros(i1 - i0, k, e, **f32), torch.zeros(i1 - i0, k, e, **f32)
-        dg = torch.zeros(i1 - i0, plan.nbk, plan.nbk, **f32)
-        kernel[_grid(i1 - i0, bt)](
-            q, u, keys[i0:i1], values[i0:i1], g, scale, bias, grad_scale, stats[0, i0:i1], stats[1, i0:i1],
-            dq, du, dk, dv, dg, dsb[i0:i1],
-            i1 - i0, bt, k, e, offset + i0, math.log2(math.e) / tau, 1.0 / tau, stride,
-            **plan.constexprs(), **fixed)
-        del g
-        dv_gram, dw_gram = _gram_backward(dg, folded, values[i0:i1], w_o, plan)
-        d_keys[i0:i1] = dk
-        d_values[i0:i1] = dv + dv_gram
-        d_w += dw_gram
-    d_targets = du @ w_o.float()  # U = t @ W_o^T
-    d_w += du.t() @ targets.float()
+    kernel, fixed = _launcher("bwd", plan.nbk, keys.element_size())
+    for t0 in range(0, bt, chunks.texts):
+        t1 = min(bt, t0 + chunks.texts)
+        dq, du = torch.zeros(t1 - t0, e, **f32), torch.zeros(t1 - t0, e, **f32)
+        for i0 in range(0, bi, chunks.images):
+            i1 = min(bi, i0 + chunks.images)
+            folded = _fold(x["values"][i0:i1], w_o, plan)
+            g = _gram(folded, plan, keys.dtype)
+            dg = torch.zeros(i1 - i0, plan.nbk, plan.nbk, **f32)
+            kernel[_grid(i1 - i0, t1 - t0)](
+                x["q"][t0:t1], x["u"][t0:t1], x["keys"][i0:i1], x["values"][i0:i1], g, x["scale"], x["bias"],
+                grad_scale, stats[0, i0:i1, t0:], stats[1, i0:i1, t0:],
+                dq, du, d_keys[i0:i1], d_values[i0:i1], dg, dsb[i0:i1, t0 // pk.MIN_BT:],
+                i1 - i0, t1 - t0, k, e, offset + i0 - t0, math.log2(math.e) / tau, 1.0 / tau, stride, bt,
+                **plan.constexprs(), **fixed)
+            del g
+            dv_gram, dw_gram = _gram_backward(dg, folded, x["values"][i0:i1], w_o, plan)
+            d_values[i0:i1] += dv_gram
+            d_w += dw_gram
+        d_queries[t0:t1] = dq
+        d_targets[t0:t1] = du @ w_o.float()  # U = t @ W_o^T
+        d_w += du.t() @ targets[t0:t1].float()
     sums = dsb.sum(dim=(0, 1))
-    return (d_keys, d_values, d_w.to(w_o.dtype), dq.to(queries.dtype), d_targets.to(targets.dtype),
+    return (d_keys.to(keys.dtype), d_values.to(values.dtype), d_w.to(w_o.dtype), d_queries, d_targets,
             sums[0].to(logit_scale.dtype).reshape(logit_scale.shape),
             sums[1].to(logit_bias.dtype).reshape(logit_bias.shape))
 
