@@ -7,7 +7,7 @@ Importing this module registers the backend with ``llip_scale.pairs``. Data flow
                   fused kernel over (image, text block) tiles -> loss sum per tile
                   (+ cos, ||z|| per pair [2, Bi, Bt] fp32 when a gradient is needed)
     backward: recompute U; for each chunk of texts, for each chunk of images: recompute V', G;
-              fused kernel -> fp32 atomics into dQ, dU [c_t, E], dK, dV [Bi, K, E],
+              fused kernel -> fp32 atomics into dQ, dU [c_t, E], dK, dV [c_i, K, E],
               dG [c_i, HK', HK'] (+ dlogit_scale/bias per tile); then in PyTorch (fp32)
               dG -> dV, dW_o per image chunk and dU -> dt, dW_o per text chunk.
 
@@ -111,26 +111,32 @@ def _sizes(bi: int, bt: int, plan: KernelPlan, e: int, elt: int) -> dict:
     nbk, k = plan.nbk, plan.tokens
     return dict(
         inputs=(2 * bi * k * e + 2 * bt * e + e * e) * elt,
-        text_side=bt * e * elt,  # U
-        stats=2 * bi * bt * 4,  # cos, ||z|| per pair (fp32)
-        partials=3 * bi * triton.cdiv(bt, pk.MIN_BT) * 4,  # loss, dlogit_scale, dlogit_bias per tile
-        image_acc=(2 * bi * k * e * 4 if elt != 4 else 0) + e * e * 4,  # fp32 dK, dV (unless fp32 already), dW
-        # G (input dtype and fp32), dG and its symmetrisation (fp32), V' and dV' (fp32)
-        per_image=nbk * nbk * (elt + 12) + 2 * nbk * e * 4,
+        fixed=(bt * e * elt  # U
+               + 2 * bi * bt * 4  # cos, ||z|| per pair (fp32), kept from the forward
+               + 3 * bi * triton.cdiv(bt, pk.MIN_BT) * 4  # loss, dlogit_scale, dlogit_bias per tile
+               + e * e * 4),  # fp32 dW_o
+        # G (input dtype and fp32), dG and its symmetrisation (fp32), V' and one head of dV' (fp32),
+        # fp32 dK and dV of the chunk
+        per_image=nbk * nbk * (elt + 12) + (nbk + plan.nc * plan.kc) * e * 4 + 2 * k * e * 4,
         per_text=3 * e * 4,  # fp32 dQ, dU and dU @ W_o
     )
 
 
 def plan_chunks(bi: int, bt: int, plan: KernelPlan, e: int, elt: int) -> Chunks:
-    """Chunks such that the backward's extra memory stays within twice the size of its inputs:
-    an eighth of the inputs for a chunk of images, what is left for the fp32 text accumulators."""
+    """Chunks such that the backward's extra memory stays within twice the size of its inputs
+    (unless the two fp32 scalars kept per pair alone exceed that): a third of what is left after
+    the fixed terms goes to a chunk of images, the rest to the fp32 accumulators of a chunk of texts."""
     z = _sizes(bi, bt, plan, e, elt)
-    image_budget = max(z["inputs"] // 8, 16 << 20)
-    images = IMAGE_CHUNK or max(1, min(bi, image_budget // z["per_image"]))
-    fixed = z["text_side"] + z["stats"] + z["partials"] + z["image_acc"] + images * z["per_image"]
-    text_budget = max(2 * z["inputs"] - fixed, z["inputs"] // 8, 16 << 20)
-    texts = TEXT_CHUNK or max(TEXT_ALIGN, text_budget // z["per_text"] // TEXT_ALIGN * TEXT_ALIGN)
-    return Chunks(images, min(bt, texts))
+    room = max(2 * z["inputs"] - z["fixed"], z["inputs"] // 4, 32 << 20)
+    images = IMAGE_CHUNK or _balanced(bi, room // 3 // z["per_image"], 1)
+    texts = TEXT_CHUNK or _balanced(bt, (room - images * z["per_image"]) // z["per_text"], TEXT_ALIGN)
+    return Chunks(min(bi, images), min(bt, texts))
+
+
+def _balanced(total: int, most: int, align: int) -> int:
+    """Equal chunks of at most ``most`` (at least ``align``), rounded up to a multiple of ``align``."""
+    count = triton.cdiv(total, max(align, most // align * align))
+    return triton.cdiv(triton.cdiv(total, count), align) * align
 
 
 def workspace_bytes(bi: int, bt: int, num_tokens: int, embed_dim: int, num_heads: int,
@@ -140,10 +146,10 @@ def workspace_bytes(bi: int, bt: int, num_tokens: int, embed_dim: int, num_heads
     plan = make_plan(num_tokens, embed_dim, num_heads, dtype)
     c = plan_chunks(bi, bt, plan, embed_dim, elt)
     z = _sizes(bi, bt, plan, embed_dim, elt)
-    if not backward:
-        return z["text_side"] + z["partials"] // 3 + c.images * z["per_image"]
-    return (z["text_side"] + z["stats"] + z["partials"] + z["image_acc"] + c.images * z["per_image"]
-            + c.texts * z["per_text"])
+    if not backward:  # U, loss sums and one chunk's G and V' (+ the saved cos, ||z||)
+        return (bt * embed_dim * elt + 2 * bi * bt * 4 + bi * triton.cdiv(bt, pk.MIN_BT) * 4
+                + c.images * plan.nbk * (plan.nbk * (elt + 4) + embed_dim * 4))
+    return z["fixed"] + c.images * z["per_image"] + c.texts * z["per_text"]
 
 
 # -- per-image and per-text tensors (PyTorch, fp32) --------------------------------------------
@@ -164,15 +170,21 @@ def _gram(folded: Tensor, plan: KernelPlan, dtype: torch.dtype) -> Tensor:
 
 
 def _gram_backward(dg: Tensor, folded: Tensor, values: Tensor, w_o: Tensor, plan: KernelPlan) -> tuple[Tensor, Tensor]:
-    """Given d(loss)/dG (any D' with D' + D'^T = 2 dG), the gradients of values [c, K, E] and W_o."""
+    """Given d(loss)/dG (any D' with D' + D'^T = 2 dG), the gradients of values [c, K, E] and
+    W_o [E, E] through G = V' V'^T, one head at a time (dV' of one head is the only E-wide temp)."""
     c, k, e = values.shape
-    h, d = plan.num_heads, plan.head_dim
+    h, d, kpad = plan.num_heads, plan.head_dim, plan.nc * plan.kc
     dsym = dg + dg.transpose(1, 2)
-    d_folded = torch.bmm(dsym, folded.reshape(c, plan.nbk, e)).reshape(c, h, -1, e)[:, :, :k]  # [c, H, K, E]
+    flat = folded.reshape(c, plan.nbk, e)
+    vh = values.float().reshape(c, k, h, d)
     w3 = w_o.float().reshape(h, d, e)
-    d_values = torch.einsum("ihke,hde->ikhd", d_folded, w3).reshape(c, k, e)
-    d_w = torch.einsum("ikhd,ihke->hde", values.float().reshape(c, k, h, d), d_folded).reshape(e, e)
-    return d_values, d_w
+    d_values = torch.empty(c, k, h, d, device=values.device, dtype=torch.float32)
+    d_w = torch.empty(h, d, e, device=values.device, dtype=torch.float32)
+    for head in range(h):
+        d_folded = torch.bmm(dsym[:, head * kpad:head * kpad + k], flat)  # [c, K, E]
+        d_values[:, :, head] = d_folded @ w3[head].t()
+        d_w[head] = torch.einsum("ikd,ike->de", vh[:, :, head], d_folded)
+    return d_values.reshape(c, k, e), d_w.reshape(e, e)
 
 
 def _text_side(targets: Tensor, w_o: Tensor) -> Tensor:
@@ -300,7 +312,7 @@ class _PairLoss(torch.autograd.Function):
 def _backward(keys, values, w_o, queries, targets, logit_scale, logit_bias, stats, grad, num_heads, tau,
               offset, normalizer):
     """Texts in chunks (outer: their fp32 accumulators exist for one chunk), images in chunks
-    (inner: G and dG exist for one chunk); keys and values accumulate in fp32 across text chunks."""
+    (inner: G, dG and the fp32 dK, dV exist for one chunk)."""
     bi, k, e = keys.shape
     bt = queries.shape[0]
     plan, chunks, x = _common(keys, values, w_o, queries, targets, logit_scale, logit_bias, num_heads)
@@ -308,7 +320,7 @@ def _backward(keys, values, w_o, queries, targets, logit_scale, logit_bias, stat
     f32 = dict(device=keys.device, dtype=torch.float32)
     grad_scale = (grad.detach().float() / normalizer).reshape(1)
     dsb = torch.zeros(bi, stride, 2, **f32)
-    d_keys, d_values = torch.zeros(bi, k, e, **f32), torch.zeros(bi, k, e, **f32)
+    d_keys, d_values = torch.zeros_like(keys), torch.zeros_like(values)
     d_queries, d_targets = torch.empty_like(queries), torch.empty_like(targets)
     d_w = torch.zeros(e, e, **f32)
     kernel, fixed = _launcher("bwd", plan.nbk, keys.element_size())
@@ -320,21 +332,24 @@ def _backward(keys, values, w_o, queries, targets, logit_scale, logit_bias, stat
             folded = _fold(x["values"][i0:i1], w_o, plan)
             g = _gram(folded, plan, keys.dtype)
             dg = torch.zeros(i1 - i0, plan.nbk, plan.nbk, **f32)
+            dk, dv = torch.zeros(i1 - i0, k, e, **f32), torch.zeros(i1 - i0, k, e, **f32)
             kernel[_grid(i1 - i0, t1 - t0)](
                 x["q"][t0:t1], x["u"][t0:t1], x["keys"][i0:i1], x["values"][i0:i1], g, x["scale"], x["bias"],
                 grad_scale, stats[0, i0:i1, t0:], stats[1, i0:i1, t0:],
-                dq, du, d_keys[i0:i1], d_values[i0:i1], dg, dsb[i0:i1, t0 // pk.MIN_BT:],
+                dq, du, dk, dv, dg, dsb[i0:i1, t0 // pk.MIN_BT:],
                 i1 - i0, t1 - t0, k, e, offset + i0 - t0, math.log2(math.e) / tau, 1.0 / tau, stride, bt,
                 **plan.constexprs(), **fixed)
             del g
             dv_gram, dw_gram = _gram_backward(dg, folded, x["values"][i0:i1], w_o, plan)
-            d_values[i0:i1] += dv_gram
+            # Summed in fp32 within a text chunk, rounded to the input dtype once per text chunk.
+            d_keys[i0:i1] += dk
+            d_values[i0:i1] += dv + dv_gram
             d_w += dw_gram
         d_queries[t0:t1] = dq
         d_targets[t0:t1] = du @ w_o.float()  # U = t @ W_o^T
         d_w += du.t() @ targets[t0:t1].float()
     sums = dsb.sum(dim=(0, 1))
-    return (d_keys.to(keys.dtype), d_values.to(values.dtype), d_w.to(w_o.dtype), d_queries, d_targets,
+    return (d_keys, d_values, d_w.to(w_o.dtype), d_queries, d_targets,
             sums[0].to(logit_scale.dtype).reshape(logit_scale.shape),
             sums[1].to(logit_bias.dtype).reshape(logit_bias.shape))
 
