@@ -26,7 +26,7 @@ def test_recall_on_known_scores():
     scores = torch.tensor([
         [0.1, 0.8, 0.9, 0.0, 0.0],  # image 0: best own caption (0.8) ranked 2nd
         [0.0, 0.0, 0.5, 0.1, 0.1],  # image 1: own caption first
-        [0.3, 0.2, 0.1, 0.0, 0.25],  # image 2: best own caption (0.25) ranked 3rd
+        [0.3, 0.28, 0.1, 0.0, 0.25],  # image 2: best own caption (0.25) ranked 3rd
     ])
     r = recall_at_k(scores, caption_image, ks=(1, 2, 3))
     assert [r[f"image_to_text_R@{k}"] for k in (1, 2, 3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
