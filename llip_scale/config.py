@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from llip_scale.data.config import DataConfig
+from llip_scale.launchers.config import LauncherConfig
 from llip_scale.model.config import ModelConfig
 from llip_scale.pairs.config import LossConfig
 
@@ -124,6 +125,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
     def validate(self, name: str) -> None:
         check(self.steps >= 1, "steps must be >= 1")
