@@ -116,7 +116,12 @@ def _gram_block(g_ptr, row_block, col_block, NBK: tl.constexpr, KC: tl.constexpr
     return tl.load(g_ptr + (row_block * KC + r)[:, None] * NBK + (col_block * KC + r)[None, :])
 
 
-@triton.jit
+# Sizes that change between calls are not specialised on (their divisibility), so that one
+# compiled kernel serves every batch size of a model; E and K stay specialised.
+_DYNAMIC = ["n_img", "n_txt", "offset", "out_stride", "stat_stride"]
+
+
+@triton.jit(do_not_specialize=_DYNAMIC)
 def _pairs_fwd_kernel(Q, U, Kx, V, G, Scale, Bias, Out, Cos, Nrm,
                       n_img, n_txt, n_tok, E, offset, scale_log2, out_stride, stat_stride,
                       H: tl.constexpr, NC: tl.constexpr, NB: tl.constexpr, NBK: tl.constexpr,
@@ -156,7 +161,7 @@ def _pairs_fwd_kernel(Q, U, Kx, V, G, Scale, Bias, Out, Cos, Nrm,
             tl.store(Nrm + img64 * stat_stride + rows, norm, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DYNAMIC)
 def _pairs_bwd_kernel(Q, U, Kx, V, G, Scale, Bias, GradScale, Cos, Nrm,
                       dQ, dU, dK, dV, dG, dSB,
                       n_img, n_txt, n_tok, E, offset, scale_log2, inv_tau, out_stride, stat_stride,

@@ -116,9 +116,9 @@ def _sizes(bi: int, bt: int, plan: KernelPlan, e: int, elt: int) -> dict:
                + 3 * bi * triton.cdiv(bt, pk.MIN_BT) * 4  # loss, dlogit_scale, dlogit_bias per tile
                + e * e * 4),  # fp32 dW_o
         # G (input dtype and fp32), dG and its symmetrisation (fp32), V' and one head of dV' (fp32),
-        # fp32 dK and dV of the chunk
-        per_image=nbk * nbk * (elt + 12) + (nbk + plan.nc * plan.kc) * e * 4 + 2 * k * e * 4,
-        per_text=3 * e * 4,  # fp32 dQ, dU and dU @ W_o
+        # fp32 dK, dV, values and dvalues of the chunk
+        per_image=nbk * nbk * (elt + 12) + (nbk + plan.nc * plan.kc) * e * 4 + 4 * k * e * 4,
+        per_text=4 * e * 4,  # fp32 dQ, dU, dU @ W_o and the targets
     )
 
 
@@ -188,8 +188,9 @@ def _gram_backward(dg: Tensor, folded: Tensor, values: Tensor, w_o: Tensor, plan
 
 
 def _text_side(targets: Tensor, w_o: Tensor) -> Tensor:
-    """U = t @ W_o^T, so that <mixed @ W_o, t> = <mixed, U>."""
-    return (targets.float() @ w_o.float().t()).to(targets.dtype).contiguous()
+    """U = t @ W_o^T, so that <mixed @ W_o, t> = <mixed, U>. In the input dtype (the matmul
+    accumulates in fp32): an fp32 copy of the targets would cost more than U itself."""
+    return (targets @ w_o.t()).contiguous()
 
 
 # -- launches -------------------------------------------------------------------------------
@@ -233,7 +234,7 @@ def _launcher(name: str, nbk: int, elt: int):
         if name == "bwd":  # atomics: benchmark runs must not leave their sums behind
             extra = dict(reset_to_zero=["dG", "dSB"], restore_value=["dQ", "dU", "dK", "dV"])
         configs = [triton.Config({"BT": bt}, num_warps=w, num_stages=st) for bt, w, st in table]
-        _TUNED[name] = triton.autotune(configs, key=["n_txt", "n_tok", "E"],
+        _TUNED[name] = triton.autotune(configs, key=["n_txt", "n_tok", "E"], cache_results=True,
                                        prune_configs_by={"early_config_prune": _prune}, **extra)(kernel)
     return _TUNED[name], {}
 
@@ -343,7 +344,7 @@ def _backward(keys, values, w_o, queries, targets, logit_scale, logit_bias, stat
             dv_gram, dw_gram = _gram_backward(dg, folded, x["values"][i0:i1], w_o, plan)
             # Summed in fp32 within a text chunk, rounded to the input dtype once per text chunk.
             d_keys[i0:i1] += dk
-            d_values[i0:i1] += dv + dv_gram
+            d_values[i0:i1] += dv.add_(dv_gram)
             d_w += dw_gram
         d_queries[t0:t1] = dq
         d_targets[t0:t1] = du @ w_o.float()  # U = t @ W_o^T

@@ -11,6 +11,7 @@ and shared memory. Spills and shared memory decide which block sizes are worth a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -22,7 +23,7 @@ from typing import Optional
 # Shapes (K, E, H) of the model zoo's pair heads.
 ZOO = {"tiny": (8, 128, 4), "b16": (32, 512, 8), "l14": (32, 768, 8), "h14": (64, 1024, 8), "g14": (64, 1280, 8)}
 POINTERS = ("Q", "U", "Kx", "V", "G")
-INTS = ("n_img", "n_txt", "n_tok", "E", "offset", "out_stride")
+INTS = ("n_img", "n_txt", "n_tok", "E", "offset", "out_stride", "stat_stride")
 FLOATS = ("scale_log2", "inv_tau")
 
 
@@ -111,6 +112,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--warps", nargs="+", type=int, default=[4, 8])
     p.add_argument("--stages", nargs="+", type=int, default=[2])
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         p.error("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
@@ -121,7 +123,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 for warps in args.warps:
                     for stages in args.stages:
                         row = compile_kernel(kind, shape, args.dtype, bt, warps, stages, arch=args.arch)
-                        print(format_row(row), flush=True)
+                        print(json.dumps(row) if args.json else format_row(row), flush=True)
     return 0
 
 
