@@ -21,6 +21,7 @@ interpreter costs milliseconds per program; ``chunked`` is the CPU path).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -126,6 +127,8 @@ def plan_chunks(bi: int, bt: int, plan: KernelPlan, e: int, elt: int) -> Chunks:
     """Chunks such that the backward's extra memory stays within twice the size of its inputs
     (unless the two fp32 scalars kept per pair alone exceed that): a third of what is left after
     the fixed terms goes to a chunk of images, the rest to the fp32 accumulators of a chunk of texts."""
+    if TEXT_CHUNK is not None and TEXT_CHUNK % pk.MIN_BT:
+        raise ValueError(f"TEXT_CHUNK={TEXT_CHUNK} must be a multiple of {pk.MIN_BT} (the per-tile sums are laid out for it)")
     z = _sizes(bi, bt, plan, e, elt)
     room = max(2 * z["inputs"] - z["fixed"], z["inputs"] // 4, 32 << 20)
     images = IMAGE_CHUNK or _balanced(bi, room // 3 // z["per_image"], 1)
@@ -234,7 +237,7 @@ def _launcher(name: str, nbk: int, elt: int):
         if name == "bwd":  # atomics: benchmark runs must not leave their sums behind
             extra = dict(reset_to_zero=["dG", "dSB"], restore_value=["dQ", "dU", "dK", "dV"])
         configs = [triton.Config({"BT": bt}, num_warps=w, num_stages=st) for bt, w, st in table]
-        _TUNED[name] = triton.autotune(configs, key=["n_txt", "n_tok", "E"], cache_results=True,
+        _TUNED[name] = triton.autotune(configs, key=["n_txt", "n_tok", "E", "NBK", "D"], cache_results=True,
                                        prune_configs_by={"early_config_prune": _prune}, **extra)(kernel)
     return _TUNED[name], {}
 
@@ -291,14 +294,20 @@ def _forward(keys, values, w_o, queries, targets, logit_scale, logit_bias, num_h
     return out, stats
 
 
+def _on_device(x: Tensor):
+    """Launch on the tensors' GPU, not the current one."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 class _PairLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, keys, values, w_o, queries, targets, logit_scale, logit_bias, num_heads, tau, offset,
                 normalizer):
         needs_grad = any(ctx.needs_input_grad[:7])
         mode = pk.MODE_LOSS_STATS if needs_grad else pk.MODE_LOSS
-        partial, stats = _forward(keys, values, w_o, queries, targets, logit_scale, logit_bias, num_heads, tau,
-                                  offset, mode)
+        with _on_device(keys):
+            partial, stats = _forward(keys, values, w_o, queries, targets, logit_scale, logit_bias, num_heads,
+                                      tau, offset, mode)
         ctx.save_for_backward(keys, values, w_o, queries, targets, logit_scale, logit_bias, stats)
         ctx.args = (num_heads, tau, offset, normalizer)
         return partial.sum() / normalizer
@@ -306,7 +315,8 @@ class _PairLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         keys, values, w_o, queries, targets, logit_scale, logit_bias, stats = ctx.saved_tensors
-        grads = _backward(keys, values, w_o, queries, targets, logit_scale, logit_bias, stats, grad, *ctx.args)
+        with _on_device(keys):
+            grads = _backward(keys, values, w_o, queries, targets, logit_scale, logit_bias, stats, grad, *ctx.args)
         return (*grads, None, None, None, None)
 
 
@@ -377,7 +387,7 @@ def triton_scores(keys: Tensor, values: Tensor, w_o: Tensor, queries: Tensor, ta
     inputs = (keys, values, w_o, queries, targets, logit_scale, logit_bias)
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
         return chunked_scores(*inputs, num_heads=num_heads, tau=tau, chunk_size=chunk_size)
-    with torch.no_grad():
+    with torch.no_grad(), _on_device(keys):
         out, _ = _forward(*inputs, num_heads, float(tau), 0, pk.MODE_SCORES)
     return out
 
