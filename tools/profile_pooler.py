@@ -12,8 +12,9 @@ memory is not polluted by earlier runs (and an out-of-memory case only loses its
   = 3x forward) and is also given as a fraction of a dense matmul peak measured on the device.
 - CPU (``--device cpu``): the same sweep at CPU sizes; wall-clock median, and the process's peak
   RSS above the inputs (the child runs with MALLOC_MMAP_THRESHOLD_ fixed at 64 KiB: otherwise
-  glibc keeps freed multi-MB blocks on its heap and RSS measures allocator caching). The triton
-  backend is skipped there: the interpreter is for correctness only.
+  glibc keeps freed multi-MB blocks on its heap and RSS measures allocator caching). ``--quick``
+  runs its cases in one child, resetting the peak RSS between them. The triton backend is
+  skipped there: the interpreter is for correctness only.
 
 Outputs in ``--out DIR``: profile.json (rows + device + matmul peak), profile.md (table) and
 profile.png (time and memory against the number of pairs); ``--json PATH`` writes the JSON too.
@@ -22,6 +23,7 @@ profile.png (time and memory against the number of pairs); ``--json PATH`` write
     python tools/profile_pooler.py --device cpu --quick --out DIR   # a sub-minute CPU sweep
     python tools/profile_pooler.py --device cuda --out gpu_results  # the GPU sweep (G/14 head)
     python tools/profile_pooler.py --json out.json --backends chunked reference
+    python tools/profile_pooler.py --memory-plan                   # the triton backend's memory plan
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from typing import Optional
 
 ALL_BACKENDS = ["reference", "chunked", "chunked-compile", "triton"]
 # (Bi, Bt) per sweep; the head shape of each device's sweep below.
-CPU_SIZES = {"full": [(bi, bt) for bi in (64, 256) for bt in (256, 1024, 4096)], "quick": [(16, 256), (16, 1024)]}
+CPU_SIZES = {"full": [(bi, bt) for bi in (64, 256) for bt in (256, 1024, 4096)], "quick": [(16, 128), (16, 512)]}
 GPU_SIZES = {"full": [(64, 4096), (256, 8192), (256, 32768)], "quick": [(64, 4096), (256, 32768)]}
 CPU_HEAD = dict(k=32, e=512, h=8, dtype="float32")  # B/16's head
 GPU_HEAD = dict(k=64, e=1280, h=8, dtype="bfloat16")  # G/14's head
@@ -80,6 +82,26 @@ def skip_reason(case: Case, device_bytes: Optional[float]) -> Optional[str]:
 
 def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (Linux >= 4.0), so that one process can measure several
+    cases; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status_mb("VmHWM")
+        return True
+    except OSError:
+        return False
 
 
 def _inputs(case: Case):
@@ -144,8 +166,11 @@ def _time_cuda(step, grad_to_none) -> tuple[float, str]:
 
 def run_case(case: Case) -> dict:
     """Inside the child process: build inputs, measure peak memory, then time."""
+    import gc
+
     import torch
 
+    gc.collect()  # a previous case in this process must not count as this one's memory
     inputs = _inputs(case)
     step = _step_fn(case, inputs)
     row = dict(asdict(case), inputs_mb=_nbytes(inputs) / 2**20)
@@ -163,11 +188,23 @@ def run_case(case: Case) -> dict:
         ms, runs = _time_cuda(step, inputs if case.backward else None)
         row.update(time_ms=ms, peak_mb=peak / 2**20, extra_mb=(peak - grads) / 2**20, runs=runs,
                    device_name=torch.cuda.get_device_name())
+    elif reset_peak_rss():
+        step()  # warm-up: one-time allocations (thread pools, compiled code) are not the backend's
+        gc.collect()
+        reset_peak_rss()
+        base = _status_mb("VmRSS")
+        start = time.perf_counter()
+        step()
+        first = time.perf_counter() - start
+        row["peak_mb"] = _status_mb("VmHWM") - base
     else:
         base = _max_rss_mb()
+        start = time.perf_counter()
         step()  # the first call also measures the peak
+        first = time.perf_counter() - start
         row["peak_mb"] = _max_rss_mb() - base
-        times: list[float] = []
+    if case.device != "cuda":
+        times = [first]
         while len(times) < case.repeats and sum(times) < 20.0:  # long cases: fewer repeats
             start = time.perf_counter()
             step()
@@ -224,11 +261,26 @@ def measure(case: Case, timeout: float = 600) -> dict:
     return out if "error" not in out else dict(asdict(case), **out)
 
 
-def sweep(cases: list[Case], device_bytes: Optional[float], on_row) -> list[dict]:
+def measure_together(cases: list[Case], timeout: float) -> list[dict]:
+    """Run CPU cases in one interpreter (a quick sweep: saves a torch import per case), the peak
+    RSS reset before each; any failure loses the batch's rows, so full sweeps do not use it."""
+    out = _child(["--child-batch", json.dumps([asdict(c) for c in cases])], timeout * len(cases))
+    if "error" in out:
+        return [dict(asdict(c), **out) for c in cases]
+    return out["rows"]
+
+
+def sweep(cases: list[Case], device_bytes: Optional[float], on_row, together: bool = False,
+          timeout: float = 600) -> list[dict]:
     rows = []
+    runnable = [c for c in cases if not skip_reason(c, device_bytes)]
+    batch = iter(measure_together(runnable, timeout)) if together and runnable else None
     for case in cases:
         reason = skip_reason(case, device_bytes)
-        row = dict(asdict(case), skipped=reason) if reason else measure(case)
+        if reason:
+            row = dict(asdict(case), skipped=reason)
+        else:
+            row = next(batch) if batch else measure(case, timeout)
         rows.append(row)
         on_row(row, rows)
     return rows
@@ -343,6 +395,37 @@ def write_outputs(rows: list[dict], meta: dict, out_dir: Optional[str], json_pat
             json.dump(doc, f, indent=1)
 
 
+def memory_plan(bi: int = 256, bt: int = 32768, dtype: str = "bfloat16") -> str:
+    """Markdown table of the triton backend's planned extra memory for the model zoo's heads."""
+    import torch
+
+    from llip_scale.kernels.pairs import make_plan, plan_chunks, workspace_bytes
+    from llip_scale.model import model_config
+
+    dt = getattr(torch, dtype)
+    elt = torch.empty((), dtype=dt).element_size()
+    lines = [f"Triton backend, Bi={bi} local images x Bt={bt} texts, {dtype}: extra memory beyond inputs and outputs.",
+             "", "| head | K | E | H | inputs MiB | images / launch | texts / launch | extra fwd MiB | "
+             "extra fwd+bwd MiB | extra / inputs | materialised attention weights GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in ("b16", "l14", "h14", "g14"):
+        cfg = model_config(name)
+        k, e, h = cfg.vision.num_tokens, cfg.head.embed_dim, cfg.head.num_heads
+        inputs = (2 * bi * k * e + 2 * bt * e + e * e) * elt
+        chunks = plan_chunks(bi, bt, make_plan(k, e, h, dt), e, elt)
+        fwd, both = workspace_bytes(bi, bt, k, e, h, dt, backward=False), workspace_bytes(bi, bt, k, e, h, dt)
+        lines.append(f"| {name} | {k} | {e} | {h} | {inputs / 2**20:.0f} | {chunks.images} | {chunks.texts} | "
+                     f"{fwd / 2**20:.0f} | {both / 2**20:.0f} | {both / inputs:.2f} | {bi * bt * h * k * elt / 2**30:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _host_memory() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def default_device() -> str:
     try:
         import torch
@@ -363,14 +446,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--head", default=None, help="K,E,H,dtype (default: G/14's head on cuda, B/16's on cpu)")
     p.add_argument("--passes", choices=["both", "fwd", "fwd+bwd"], default="both")
     p.add_argument("--timeout", type=float, default=600, help="seconds per measurement")
+    p.add_argument("--memory-plan", action="store_true",
+                   help="print the triton backend's planned extra memory for the zoo's heads and exit")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-peak", nargs=2, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-batch", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(run_case(Case(**json.loads(args.child)))))
         return 0
+    if args.child_batch:
+        print(json.dumps({"rows": [run_case(Case(**c)) for c in json.loads(args.child_batch)]}))
+        return 0
     if args.child_peak:
         print(json.dumps(matmul_peak(*args.child_peak)))
+        return 0
+    if args.memory_plan:
+        print(memory_plan(), end="")
         return 0
     device = args.device or default_device()
     backends = args.backends or (["reference", "chunked"] if device == "cpu" and args.quick else ALL_BACKENDS)
@@ -388,7 +480,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(format_row(row), flush=True)
         write_outputs(rows, meta, args.out, args.json)  # partial results survive an interrupted sweep
 
-    sweep(cases, peak.get("total_bytes"), on_row)
+    together = device == "cpu" and args.quick and reset_peak_rss()
+    sweep(cases, peak.get("total_bytes") or (_host_memory() if device == "cpu" else None), on_row, together,
+          args.timeout)
     return 0
 
 
