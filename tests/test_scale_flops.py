@@ -86,3 +86,19 @@ def test_mfu_and_days():
     assert days == pytest.approx(1.0)
     with pytest.raises(ValueError, match="pair mode"):
         flops.pair_macs(8, 64, 4, "dense")
+
+
+def test_size_table_of_an_experiment():
+    row = flops.size_row("experiments/llip_g14.yaml")
+    cfg = model_config("g14")
+    assert row["params"] == sum(p.numel() for p in _meta_model(cfg).parameters())
+    assert row["model_flops"] == flops.train_flops_per_sample(cfg, 32768) - \
+        flops.forward_flops(cfg, 32768).pairs  # MFU counts no recomputation
+    assert row["hardware_flops"] > row["model_flops"]  # checkpointing and the pair recompute
+    assert row["days"] == pytest.approx(flops.training_days(12.8e9, row["model_flops"], 256, 312e12, 0.4))
+    assert "| 256 x 128 |" in flops.format_table([row])
+
+
+def _meta_model(cfg):
+    with torch.device("meta"):
+        return build_model(cfg)
