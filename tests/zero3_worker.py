@@ -1,11 +1,11 @@
 """One rank of the ZeRO-3 checks in test_scale_zero3.py (launched by torchrun on the CPU).
 
-    torchrun --nproc_per_node 2 tests/zero3_worker.py MODE OUT_DIR [key=value ...]
+    torchrun --nproc_per_node 2 tests/zero3_worker.py OUT_DIR exact [memory SIZE [VISION_DEPTH]]
 
-MODE ``exact``: build the tiny model under zero.Init in fp32 and compare every gathered
-parameter with a plain build from the same seed. MODE ``memory``: build a named size in bf16
-and report the local shard sizes and the resident high-water mark. Each rank writes
-OUT_DIR/rank{R}.json.
+``exact``: build the tiny model under zero.Init in fp32 and compare every gathered parameter
+with a plain build from the same seed. ``memory``: build a named size in bf16 (optionally with
+fewer blocks) and report the local shard sizes and the resident high-water mark. Each rank
+writes OUT_DIR/rank{R}.json with one entry per check.
 """
 from __future__ import annotations
 
@@ -55,11 +55,15 @@ def memory(rank: int, args: list[str]) -> dict:
 
 
 def main() -> None:
-    mode, out_dir, args = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    out_dir, checks = Path(sys.argv[1]), sys.argv[2:]
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
-    result = {"exact": exact, "memory": memory}[mode](rank, args)
-    (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    results = {}
+    if "exact" in checks:
+        results["exact"] = exact(rank, [])
+    if "memory" in checks:
+        results["memory"] = memory(rank, checks[checks.index("memory") + 1:])
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
     torch.distributed.barrier()
 
 
