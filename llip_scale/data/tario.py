@@ -49,7 +49,7 @@ def _header(block: bytes) -> tuple[str, int, bytes]:
     try:
         stored, size = _number(block[148:156]), _number(block[124:136])
     except ValueError:
-        raise TarError("bad_tar", "header has a malformed number field") from None
+        raise TarError("bad_tar", "malformed header (not a tar file, or corrupt)") from None
     if stored != sum(block[:148]) + 8 * 32 + sum(block[156:]):
         raise TarError("bad_tar", "header checksum mismatch (not a tar file, or corrupt)")
     name = block[:100].split(b"\0", 1)[0]

@@ -89,6 +89,8 @@ _STD = torch.tensor(OPENAI_STD).view(1, 3, 1, 1) * 255
 
 def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 ``[B, S, S, 3]`` -> float32 ``[B, 3, S, S]``, OpenAI mean/std normalised."""
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()  # arrays viewing PIL memory are read-only; torch wants to own it
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float()
     return ((x - _MEAN) / _STD).contiguous()
 
