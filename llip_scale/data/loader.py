@@ -26,6 +26,7 @@ from llip_scale.data.tokenizer import Tokenizer
 
 log = logging.getLogger("llip_scale.data")
 STATE_VERSION = 1
+LOG_EVERY = 100  # batches between skip summaries
 
 
 @dataclass
@@ -88,7 +89,7 @@ class TrainLoader:
                       "sources": sources_fingerprint(sources)}
         self._streams: list[dict | None] = [None] * self.n_streams
         self._batches = 0
-        self._logged_skips = 0
+        self._logged_skips = (0, -LOG_EVERY)  # (count, batch) of the last summary line
 
     # -- state ------------------------------------------------------------------------------
 
@@ -104,11 +105,14 @@ class TrainLoader:
             raise ConfigError("data state is not a state of this loader version; start the "
                               "data stream fresh (do not load it)")
         for key, ours in self._meta.items():
-            if state.get(key) != ours:
-                raise ConfigError(
-                    f"data state was saved with {key}={state.get(key)!r} but this run has "
-                    f"{key}={ours!r}; resume with the same world size, data.workers, batch size, "
-                    f"seeds and shards, or start the data stream fresh")
+            theirs = state.get(key)
+            if theirs == ours:
+                continue
+            what = ("different data.shards or data.weights" if key == "sources" else
+                    f"{key}={theirs!r} but this run has {key}={ours!r}")
+            raise ConfigError(f"data state was saved with {what}; resume with the same world "
+                              f"size, data.workers, batch size, seeds and shards, or start the "
+                              f"data stream fresh")
         self._streams = list(state["streams"])
         self._batches = int(state["batches"])
 
@@ -121,7 +125,8 @@ class TrainLoader:
             source: Iterator[tuple] = iter(dataset)
         else:
             source = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers,
-                                     collate_fn=_no_collate, prefetch_factor=self.cfg.prefetch))
+                                     collate_fn=_no_collate, prefetch_factor=self.cfg.prefetch,
+                                     pin_memory=torch.cuda.is_available()))
         for item in source:
             if item[0] == "error":
                 raise DataError(item[1])
@@ -136,8 +141,9 @@ class TrainLoader:
         self._batches += 1
         skipped = merge_skipped(self._streams)
         total = sum(skipped.values())
-        if total != self._logged_skips:
-            self._logged_skips = total
+        # A summary when the count changed, at most every LOG_EVERY batches (workers log details).
+        if total != self._logged_skips[0] and self._batches >= self._logged_skips[1] + LOG_EVERY:
+            self._logged_skips = (total, self._batches)
             log.info("data: rank %d skipped %d sample(s) so far: %s", self.rank, total, skipped)
         return Batch(images, tokens, self.state_dict(), skipped, captions)
 

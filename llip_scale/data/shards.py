@@ -14,6 +14,7 @@ import hashlib
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,13 +136,23 @@ def check_sources(cfg: DataConfig) -> list[Source]:
 def _check_local(src: Source, name: str) -> None:
     from llip_scale.config import ConfigError
 
-    missing = [u for u in src.urls if not os.path.isfile(u)]
+    sizes = [_file_size(u) for u in src.urls]
+    missing = [u for u, size in zip(src.urls, sizes) if size is None]
     if missing:
         raise ConfigError(f"{name}: {len(missing)} of {len(src.urls)} shard(s) do not exist, "
                           f"first missing: {missing[0]}; fix data.shards or create the shards")
-    if all(os.path.getsize(u) == 0 for u in src.urls):
+    if not any(sizes):
         raise ConfigError(f"{name}: every shard is empty (0 bytes); regenerate the shards "
                           f"or remove the source from data.shards")
+
+
+def _file_size(path: str) -> int | None:
+    """Size of a regular file, None if it is missing or not a file (one stat call)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def _check_pipe(src: Source, name: str) -> None:

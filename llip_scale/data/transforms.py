@@ -84,15 +84,16 @@ def eval_crop(img: Image.Image, size: int) -> np.ndarray:
 
 
 _MEAN = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1) * 255
-_STD = torch.tensor(OPENAI_STD).view(1, 3, 1, 1) * 255
+_INV_STD = 1 / (torch.tensor(OPENAI_STD).view(1, 3, 1, 1) * 255)
 
 
 def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 ``[B, S, S, 3]`` -> float32 ``[B, 3, S, S]``, OpenAI mean/std normalised."""
     if isinstance(images, np.ndarray) and not images.flags.writeable:
         images = images.copy()  # arrays viewing PIL memory are read-only; torch wants to own it
-    x = torch.as_tensor(images).permute(0, 3, 1, 2).float()
-    return ((x - _MEAN) / _STD).contiguous()
+    # Reorder while still uint8 (4x less memory traffic), then convert and scale in place.
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous().float()
+    return x.sub_(_MEAN).mul_(_INV_STD)
 
 
 def eval_image(data: bytes | Image.Image, size: int) -> torch.Tensor:
