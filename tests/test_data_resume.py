@@ -62,6 +62,14 @@ def test_resume_gives_the_next_batches_exactly(data, workers, rank):
         assert a.state == b.state and a.skipped == b.skipped
 
 
+def test_zero_and_one_worker_states_are_interchangeable(data):
+    """Both run stream 0 of the rank, in the training process or in one worker."""
+    full = _take(_loader(data, 0), 5)
+    one = _loader(data, 1)
+    one.load_state_dict(full[1].state)
+    assert all(_same(a, b) for a, b in zip(_take(one, 3), full[2:]))
+
+
 def test_ranks_and_seeds_give_different_streams(data):
     r0, r1 = _take(_loader(data, 0, rank=0), 2), _take(_loader(data, 0, rank=1), 2)
     other_seed = _take(_loader(data, 0, rank=0, seed=8), 2)
@@ -97,7 +105,8 @@ def test_resume_reads_only_the_current_shard(data, monkeypatch):
 
 def test_loading_a_state_from_another_setup_is_a_clear_error(data):
     state = _take(_loader(data, 2), 3)[-1].state
-    for kwargs, word in ((dict(workers=1), "workers"), (dict(workers=2, world_size=4), "world_size"),
+    for kwargs, word in ((dict(workers=1), "data.workers=2 but this run has data.workers=1"),
+                         (dict(workers=2, world_size=4), "world_size"),
                          (dict(workers=2, rank=1), "rank")):
         with pytest.raises(ConfigError, match=word):
             _loader(data, **kwargs).load_state_dict(state)

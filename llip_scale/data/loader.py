@@ -84,7 +84,7 @@ class TrainLoader:
             shuffle_buffer=cfg.shuffle_buffer, crop_scale=tuple(cfg.crop_scale),
             max_skip_rate=cfg.max_skip_rate, skip_check_after=cfg.skip_check_after)
         self._meta = {"version": STATE_VERSION, "rank": rank, "world_size": world_size,
-                      "workers": self.n_streams, "batch_size": batch_size,
+                      "worker_streams": self.n_streams, "batch_size": batch_size,
                       "image_size": image_size, "seeds": list(self.spec.seeds),
                       "sources": sources_fingerprint(sources)}
         self._streams: list[dict | None] = [None] * self.n_streams
@@ -108,8 +108,10 @@ class TrainLoader:
             theirs = state.get(key)
             if theirs == ours:
                 continue
-            what = ("different data.shards or data.weights" if key == "sources" else
-                    f"{key}={theirs!r} but this run has {key}={ours!r}")
+            what = {"sources": "different data.shards or data.weights",
+                    "worker_streams": f"data.workers={theirs} but this run has "
+                                      f"data.workers={self.workers} (0 counts as 1)"}.get(
+                key, f"{key}={theirs!r} but this run has {key}={ours!r}")
             raise ConfigError(f"data state was saved with {what}; resume with the same world "
                               f"size, data.workers, batch size, seeds and shards, or start the "
                               f"data stream fresh")

@@ -129,6 +129,8 @@ class Stream:
                         yield sample
         except (TarError, ShardOpenError) as e:
             problem = _Skip(e.reason, str(e))
+        except OSError as e:  # an I/O error in the middle of the shard (network file systems)
+            problem = _Skip("unreadable_shard", f"read failed: {e}")
         order = rng.permutation(len(buffer)) if buffer else []
         for j in order:
             yield buffer[j]
