@@ -54,6 +54,10 @@ def test_check_sources_names_the_missing_or_empty_source(tmp_path):
             check_sources(DataConfig(shards=spec))
     with pytest.raises(ConfigError, match="one weight per source"):
         check_sources(DataConfig(shards=f"{good}::{good}", weights=[1.0]))
+    with pytest.raises(ConfigError, match="names no shards"):  # the loader refuses too
+        build_train_loader(DataConfig(shards=str(tmp_path / "empty_folder_that_exists"),
+                                      context_length=16), batch_size=2, rank=0, world_size=1,
+                           image_size=8, tokenizer=make_tokenizer(tmp_path), seed=0)
 
 
 def test_config_validation_and_overrides():

@@ -2,7 +2,7 @@
 
 Flow: ``build_train_loader`` -> :class:`TrainLoader` -> on iteration a ``DataLoader`` over
 :class:`_WorkerStreams` (batching happens in the workers, ``batch_size=None`` here) -> the
-DataLoader hands batches back in task order, which for an iterable dataset is strict
+DataLoader hands batches back in request order, which for an iterable dataset is strict
 round-robin over the workers -> each batch carries its stream's state; the loader keeps the
 latest state per stream plus the batch count, which is the rank state stored in ``batch.state``.
 
@@ -78,6 +78,9 @@ class TrainLoader:
         self.workers = cfg.workers
         self.n_streams = max(cfg.workers, 1)
         sources = parse_sources(cfg.shards, cfg.weights)
+        if not any(s.urls and s.weight > 0 for s in sources):
+            raise ConfigError(f"data.shards '{cfg.shards}' names no shards with a positive "
+                              f"weight; check_sources(cfg) tells which source is wrong")
         self.spec = StreamSpec(
             sources=tuple(sources), seeds=stream_seeds(seed, cfg.seed), rank=rank,
             batch_size=batch_size, image_size=image_size, tokenizer=tokenizer,
