@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 def _check(ok: bool, message: str) -> None:
@@ -18,7 +19,7 @@ class DataConfig:
     # Sampling weight per source (same order as in `shards`); empty: proportional to shard counts.
     weights: list[float] = field(default_factory=list)
     tokenizer: str = field(default="", metadata={"path": "file"})  # sentencepiece model file
-    context_length: int = 77
+    context_length: Optional[int] = None  # None: the text tower's context_length
     workers: int = 2  # DataLoader worker processes per rank (0: load in the training process)
     seed: int = 0  # mixed with the run seed: changes the data order without changing the init
     shuffle_buffer: int = 1000  # samples; shuffles within each shard, reset at shard boundaries
@@ -29,7 +30,9 @@ class DataConfig:
 
     def validate(self, name: str) -> None:
         _check(self.workers >= 0, f"{name}.workers must be >= 0, got {self.workers}")
-        _check(self.context_length >= 2, f"{name}.context_length must be >= 2, got {self.context_length}")
+        _check(self.context_length is None or self.context_length >= 2,
+               f"{name}.context_length must be >= 2 (or null for the text tower's), "
+               f"got {self.context_length}")
         _check(self.shuffle_buffer >= 1, f"{name}.shuffle_buffer must be >= 1 (1 disables shuffling)")
         _check(self.prefetch >= 1, f"{name}.prefetch must be >= 1, got {self.prefetch}")
         scale = tuple(self.crop_scale)

@@ -71,7 +71,7 @@ class TrainLoader:
         if batch_size < 1 or image_size < 1:
             raise ConfigError(f"data loader: batch_size ({batch_size}) and image_size "
                               f"({image_size}) must be >= 1")
-        if tokenizer.context_length != cfg.context_length:
+        if cfg.context_length is not None and tokenizer.context_length != cfg.context_length:
             raise ConfigError(f"tokenizer context_length {tokenizer.context_length} differs from "
                               f"data.context_length {cfg.context_length}; use the same value")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
