@@ -7,10 +7,11 @@
   were trained with (vocabulary 49,408: 256 bytes, the same with an end-of-word mark, 48,894
   merges, then <start_of_text> = 49,406 and <end_of_text> = 49,407). Needs the merges file the
   user supplies (``bpe_simple_vocab_16e6.txt.gz``); nothing is downloaded.
-* ``SentencePieceTokenizer``: a sentencepiece model (``data.tokenizer``), our own training path.
+* ``llip_scale.data.tokenizer.Tokenizer``: a sentencepiece model (``data.tokenizer``), our
+  own training path.
 
-Both lay a text out as [start] + pieces + [end], truncate to ``context_length`` keeping the end
-token last (the towers pool at it) and pad with ``pad_id``.
+Both lay a text out as pieces + [end] (CLIP BPE starts with <start_of_text>), truncate to
+``context_length`` keeping the end token last (the towers pool at it) and pad with ``pad_id``.
 """
 from __future__ import annotations
 
@@ -18,14 +19,16 @@ import gzip
 import html
 import re
 from pathlib import Path
-from typing import Optional, Protocol, Sequence, Union
+from typing import Protocol, Sequence, Union
 
 import torch
 
 Texts = Union[str, Sequence[str]]
 
 
-class Tokenizer(Protocol):
+class TextTokenizer(Protocol):
+    """What the towers need of a tokenizer (CLIP BPE and the sentencepiece one both are)."""
+
     vocab_size: int
     eot_id: int
     pad_id: int
@@ -34,10 +37,10 @@ class Tokenizer(Protocol):
     def __call__(self, texts: Texts) -> torch.Tensor: ...
 
 
-def _layout(ids: list[list[int]], context_length: int, start: Optional[int], end: int, pad: int) -> torch.Tensor:
+def _layout(ids: list[list[int]], context_length: int, start: int, end: int, pad: int) -> torch.Tensor:
     out = torch.full((len(ids), context_length), pad, dtype=torch.long)
     for row, pieces in enumerate(ids):
-        seq = ([start] if start is not None else []) + pieces + [end]
+        seq = [start] + pieces + [end]
         if len(seq) > context_length:
             seq = seq[:context_length - 1] + [end]  # truncated: still pooled at an end token
         out[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
@@ -171,43 +174,14 @@ class ClipBpeTokenizer:
                        self.eot_id, self.pad_id)
 
 
-# ---------------------------------------------------------------------------------------------
-# sentencepiece
-# ---------------------------------------------------------------------------------------------
-
-class SentencePieceTokenizer:
-    """A sentencepiece model; its BOS (when defined) starts a text, its EOS ends it."""
-
-    def __init__(self, model_path: Union[str, Path], context_length: int = 77):
-        import sentencepiece as spm
-
-        path = Path(model_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"sentencepiece model '{path}' not found; set data.tokenizer to a .model file")
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        if self.sp.eos_id() < 0:
-            raise ValueError(f"{path}: the model has no end-of-sentence piece (train it with eos_id >= 0); "
-                             "the text tower pools at it")
-        self.eot_id = self.sp.eos_id()
-        self.sot_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
-        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
-        self.vocab_size = self.sp.get_piece_size()
-        self.context_length = context_length
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.sp.encode(clean_text(text)))
-
-    def __call__(self, texts: Texts) -> torch.Tensor:
-        return _layout([self.encode(t) for t in _as_list(texts)], self.context_length, self.sot_id,
-                       self.eot_id, self.pad_id)
-
-
 def build_tokenizer(context_length: int = 77, bpe_vocab: Union[str, Path, None] = None,
-                    spm_model: Union[str, Path, None] = None) -> Tokenizer:
+                    spm_model: Union[str, Path, None] = None) -> TextTokenizer:
     """CLIP BPE when its merges file is given, sentencepiece otherwise."""
     if bpe_vocab:
         return ClipBpeTokenizer(bpe_vocab, context_length)
     if spm_model:
-        return SentencePieceTokenizer(spm_model, context_length)
+        from llip_scale.data.tokenizer import Tokenizer as SentencePieceTokenizer
+
+        return SentencePieceTokenizer(str(spm_model), context_length)
     raise ValueError("no tokenizer: pass bpe_vocab (CLIP's bpe_simple_vocab_16e6.txt.gz) or spm_model "
                      "(a sentencepiece .model file)")

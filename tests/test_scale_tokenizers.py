@@ -1,5 +1,5 @@
-"""Pluggable tokenizers: CLIP's byte-level BPE (from a merges file the user supplies) and
-sentencepiece, laid out as the towers expect (start, pieces, end, padding)."""
+"""Pluggable tokenizers: CLIP's byte-level BPE (from a merges file the user supplies) or the
+sentencepiece tokenizer of the data pipeline, laid out as the towers expect."""
 from __future__ import annotations
 
 import gzip
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llip_scale.model.text import eot_positions
-from llip_scale.tokenizers import ClipBpeTokenizer, SentencePieceTokenizer, build_tokenizer
+from llip_scale.tokenizers import ClipBpeTokenizer, build_tokenizer
 
 MERGES = ["t h", "th e</w>", "c a", "ca t</w>", "p h", "o t", "ph ot", "phot o</w>"]
 
@@ -43,19 +43,15 @@ def test_clip_layout_pads_and_truncates_at_the_end_token(clip):
     assert eot_positions(tokens, clip.eot_id).tolist() == tokens.argmax(dim=1).tolist() == [3, 7]
 
 
-def test_sentencepiece_and_the_factory(tmp_path, clip):
-    import sentencepiece as spm
+def test_the_factory_picks_clip_bpe_or_sentencepiece(tmp_path, clip):
+    from llip_scale.data.tokenizer import Tokenizer, train_tokenizer
 
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(["a photo of a cat", "a photo of a dog", "the cat sat on the mat"] * 20))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=20,
-                                   model_type="unigram", minloglevel=2)
+    train_tokenizer(["a photo of a cat", "a photo of a dog", "the cat sat on the mat"] * 20,
+                    str(tmp_path / "sp.model"), vocab_size=40)
     sp = build_tokenizer(context_length=8, spm_model=tmp_path / "sp.model")
-    assert isinstance(sp, SentencePieceTokenizer)
+    assert isinstance(sp, Tokenizer)
     tokens = sp(["a photo of a cat on the mat", "a"])
-    assert tokens[0, 0] == sp.sot_id and tokens[0, -1] == sp.eot_id  # truncated to 8, ended
-    row = tokens[1].tolist()
-    assert row[0] == sp.sot_id and sp.eot_id in row and row[-1] == sp.pad_id
+    assert tokens.shape == (2, 8) and tokens[0, -1] == sp.eot_id  # truncated, still ended
     assert isinstance(build_tokenizer(8, bpe_vocab=tmp_path / "bpe_simple_vocab_16e6.txt.gz"), ClipBpeTokenizer)
     with pytest.raises(ValueError, match="pass bpe_vocab"):
         build_tokenizer(8)
