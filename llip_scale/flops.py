@@ -196,7 +196,6 @@ def format_table(rows: list[dict], mfu: float = 0.4) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     import sys
-    from pathlib import Path
 
     from llip_scale.config import CONFIG_ROOT
 

@@ -232,7 +232,8 @@ def _check_keys(sd: StateDict, expected: dict, cfg: ModelConfig) -> None:
     if "visual.proj" in unexpected:
         hint = "visual.proj marks a CLIP/SigLIP checkpoint; only Llip (CMP) checkpoints can be imported"
     elif any(k.startswith(("K_norm", "Q_norm", "V_norm")) for k in missing | unexpected):
-        hint = f"the checkpoint {'has' if 'K_norm.weight' in sd else 'lacks'} K/Q/V LayerNorms: set model.head.use_norm accordingly"
+        has = "has" if "K_norm.weight" in sd else "lacks"
+        hint = f"the checkpoint {has} K/Q/V LayerNorms: set model.head.use_norm accordingly"
     raise OfficialCheckpointError(f"not the official Llip layout for model '{cfg.name}' ({'; '.join(parts)}); {hint}")
 
 

@@ -242,10 +242,12 @@ def _dtype_bytes(precision: str) -> int:
     return 2 if precision in ("bf16", "fp16") else 4
 
 
-def _model_states(p: ParamStats, z: ZeroSettings, n: int) -> tuple[dict, dict, dict, dict]:
-    """(static, backward-phase, step-phase, cpu) bytes of parameters, gradients, optimizer."""
+def _model_states(p: ParamStats, z: ZeroSettings, n: int) -> tuple[dict, dict, dict]:
+    """(static, step-phase, cpu) bytes of parameters, gradients and optimizer states."""
     P = float(p.total)
-    static, backward, step, cpu = {}, {}, {}, {}
+    static: dict[str, float] = {}
+    step: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     low = z.low_precision
     wbytes = 2 if low else 4
     # Parameters in the training dtype: replicated below stage 3.
@@ -271,7 +273,7 @@ def _model_states(p: ParamStats, z: ZeroSettings, n: int) -> tuple[dict, dict, d
         target["optimizer: fp32 master weights"] = 4.0 * P / opt_shard
         (cpu if z.offload_optimizer else step)["optimizer: fp32 gradients"] = 4.0 * P / opt_shard
     target["optimizer: Adam moments"] = 4.0 * ADAM_STATES * P / opt_shard
-    return static, backward, step, cpu
+    return static, step, cpu
 
 
 def _comm_buffers(cfg: Config, z: ZeroSettings, n: int, bt: int, act_bytes: int) -> dict[str, float]:
@@ -281,10 +283,31 @@ def _comm_buffers(cfg: Config, z: ZeroSettings, n: int, bt: int, act_bytes: int)
         out["gradient reduce buckets"] = gbytes * float(z.reduce_bucket) * (2 if z.overlap_comm else 1)
     if 0 < z.stage < 3 and n > 1:
         out["parameter all-gather bucket"] = gbytes * float(z.allgather_bucket)
-    if n > 1:  # gathered text features of the pair loss (q, t or one vector) and their gradients
-        width = 2 if cfg.model.head.kind == "llip" else (2 if cfg.model.head.kind == "clip" else 1)
+    if n > 1:  # gathered features and their gradients: Llip q and t, CLIP texts and images
+        width = 2 if cfg.model.head.kind in ("llip", "clip") else 1
         out["gathered text features + grads"] = 2.0 * bt * width * cfg.model.head.embed_dim * act_bytes
     return out
+
+
+def _backward_phase(cfg: Config, bi: int, bt: int, backend: str, ab: int) -> dict[str, float]:
+    """Bytes alive at the peak of forward/backward: saved activations plus the largest transient."""
+    m, ckpt = cfg.model, cfg.distributed.activation_checkpointing
+    v, t = m.vision, m.text
+    vis = tower_activations(v.grid ** 2 + v.num_tokens, v.width, v.depth, v.mlp_dim, v.activation, ckpt)
+    txt = tower_activations(t.context_length, t.width, t.depth, t.mlp_dim, t.activation, ckpt)
+    per_image, per_text = head_activation_elements(m)
+    vis_saved, txt_saved = float(bi) * vis.saved * ab, float(bi) * txt.saved * ab
+    pair_saved, pair_transient = pair_head_bytes(m, bi, bt, backend, ab, cfg.loss.chunk_size)
+    return {
+        "activations: vision": vis_saved,
+        "activations: text": txt_saved,
+        "activations: head projections": float(bi) * (per_image + per_text) * ab,
+        f"pair head ({backend})": pair_saved,
+        # Backward runs the pair head first, then the whole text tower (its nodes are newer),
+        # then the vision tower, with the text and pair activations already freed.
+        "backward transient (largest)": max(pair_transient, float(bi) * txt.transient * ab,
+                                            float(bi) * vis.transient * ab - txt_saved - pair_saved, 0.0),
+    }
 
 
 def plan_memory(cfg: Config, world_size: int, micro_batch: Optional[int] = None,
@@ -297,7 +320,7 @@ def plan_memory(cfg: Config, world_size: int, micro_batch: Optional[int] = None,
     temporaries of PyTorch's single-tensor AdamW (the CPU path; DeepSpeed's fused Adam has none).
     """
     if world_size < 1:
-        raise ConfigError(f"--world-size must be >= 1, got {world_size}")
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
     if micro_batch is None:
         if cfg.batch_size % world_size:
             raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by world size {world_size}; "
@@ -313,27 +336,11 @@ def plan_memory(cfg: Config, world_size: int, micro_batch: Optional[int] = None,
     n, bi = world_size, micro_batch
     bt = bi * n
     ab = _dtype_bytes(z.precision)
-    ckpt = cfg.distributed.activation_checkpointing
 
-    static, backward, step, cpu = _model_states(p, z, n)
+    static, step, cpu = _model_states(p, z, n)
     static.update(_comm_buffers(cfg, z, n, bt, ab))
     static["input batch"] = bi * (3 * m.vision.image_size ** 2 * ab + m.text.context_length * 8)
-
-    v, t = m.vision, m.text
-    vis = tower_activations(v.grid ** 2 + v.num_tokens, v.width, v.depth, v.mlp_dim, v.activation, ckpt)
-    txt = tower_activations(t.context_length, t.width, t.depth, t.mlp_dim, t.activation, ckpt)
-    per_image, per_text = head_activation_elements(m)
-    vis_saved, txt_saved = float(bi) * vis.saved * ab, float(bi) * txt.saved * ab
-    backward["activations: vision"] = vis_saved
-    backward["activations: text"] = txt_saved
-    backward["activations: head projections"] = float(bi) * (per_image + per_text) * ab
-    pair_saved, pair_transient = pair_head_bytes(m, bi, bt, backend, ab, cfg.loss.chunk_size)
-    backward["pair head (" + backend + ")"] = pair_saved
-    # Backward runs the pair head first, then the whole text tower (its nodes are newer), then
-    # the vision tower, with the text and pair activations already freed.
-    backward["backward transient (largest)"] = max(
-        pair_transient, float(bi) * txt.transient * ab,
-        float(bi) * vis.transient * ab - txt_saved - pair_saved, 0.0)
+    backward = _backward_phase(cfg, bi, bt, backend, ab)
     if optimizer_transient:
         step["optimizer step temporaries"] = 2 * 4.0 * p.largest_tensor
     static["runtime reserve"] = float(reserve_bytes)
@@ -342,7 +349,8 @@ def plan_memory(cfg: Config, world_size: int, micro_batch: Optional[int] = None,
         notes.append(f"ZeRO-3 keeps {p.persistent(z.persistence_threshold):,} elements in tensors of "
                      f"<= {z.persistence_threshold:,} whole on every rank; the largest module gathers "
                      f"{p.largest_module:,}")
-    return MemoryPlan(n, bi, bt, backend, z, ckpt, p, static, backward, step, cpu, notes)
+    return MemoryPlan(n, bi, bt, backend, z, cfg.distributed.activation_checkpointing, p, static, backward,
+                      step, cpu, notes)
 
 
 def max_micro_batch(cfg: Config, world_size: int, budget_bytes: float, backend: Optional[str] = None,

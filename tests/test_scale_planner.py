@@ -135,8 +135,9 @@ def test_g14_on_256_gpus_fits_80gb_only_with_checkpointing():
 
 
 def test_bad_inputs_give_one_clear_line(tiny_config, capsys):
+    typo = "distributed.deepspeed.zero_optimization.stage3_prefetch_bucket=5"
     with pytest.raises(ConfigError, match="stage3_prefetch_bucket"):
-        planning.zero_settings(load_config(tiny_config, ["distributed.deepspeed.zero_optimization.stage3_prefetch_bucket=5"]))
+        planning.zero_settings(load_config(tiny_config, [typo]))
     with pytest.raises(ConfigError, match="not divisible by world size 3"):
         planning.plan_memory(load_config(tiny_config), 3)
     assert _tool("plan_memory").main([str(tiny_config), "--world-size", "3"]) == 2
