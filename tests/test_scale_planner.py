@@ -143,6 +143,9 @@ def test_bad_inputs_give_one_clear_line(tiny_config, capsys):
     assert _tool("plan_memory").main([str(tiny_config), "--world-size", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "batch_size=64" in err
+    # Measuring B/16 at its global batch of 32,768 on this CPU is refused before anything runs.
+    assert _tool("plan_memory").main(["experiments/llip_b16.yaml", "--measure"]) == 2
+    assert "pass a smaller --batch" in capsys.readouterr().err
 
 
 def test_cli_prints_the_breakdown(tiny_config, capsys):

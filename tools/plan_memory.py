@@ -88,6 +88,11 @@ def measure(paths: list[str], args: argparse.Namespace) -> list[dict]:
     job = {"configs": paths, "overrides": args.overrides, "batch": args.batch, "steps": args.steps,
            "backend": args.backend}
     configs = [load_config(p, args.overrides) for p in paths]  # fail on bad configs before running
+    for path, cfg in zip(paths, configs):
+        need = planning.cpu_plan(cfg, args.batch or cfg.batch_size, args.backend).peak
+        if need > 0.8 * _available_bytes():
+            raise ConfigError(f"{path}: the CPU run would need ~{need / planning.GiB:.1f} GiB, more than this "
+                              f"machine has free ({_available_bytes() / planning.GiB:.1f} GiB); pass a smaller --batch")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(job)], env=env, capture_output=True, text=True)
     if out.returncode:
@@ -100,6 +105,15 @@ def measure(paths: list[str], args: argparse.Namespace) -> list[dict]:
         results.append({"config": path, "batch": measured["micro_batch"], "measured_bytes": measured["peak_bytes"],
                         "planned_bytes": plan.peak, "ratio": plan.peak / measured["peak_bytes"], "plan": plan})
     return results
+
+
+def _available_bytes() -> float:
+    try:
+        import psutil
+
+        return float(psutil.virtual_memory().available)
+    except ImportError:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def main(argv: list[str] | None = None) -> int:
