@@ -72,6 +72,9 @@ class DistributedConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     offload_optimizer: bool = False
     offload_params: bool = False
+    # Deep-merged last into the generated DeepSpeed config: the place for zero_optimization
+    # knobs such as stage3_prefetch_bucket_size or stage3_max_live_parameters.
+    deepspeed: dict = field(default_factory=dict)
 
     def validate(self, name: str) -> None:
         check(self.zero_stage in (0, 1, 2, 3), f"{name}.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
