@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
 class DataConfig:
+    # webdataset: shards named by `shards`; synthetic: a seeded generated stream (tests, smoke runs).
+    source: Literal["webdataset", "synthetic"] = "webdataset"
     shards: str = ""  # webdataset spec: brace patterns, several sources separated by '::'
     tokenizer: str = field(default="", metadata={"path": "file"})  # sentencepiece model file
     context_length: int = 77
