@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from llip_scale.data.config import DataConfig
+from llip_scale.launchers.config import LauncherConfig
 from llip_scale.model.config import ModelConfig
 from llip_scale.pairs.config import LossConfig
 
@@ -72,8 +74,9 @@ class DistributedConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     offload_optimizer: bool = False
     offload_params: bool = False
-    # Signals that ask the run to checkpoint at the next step boundary and exit (to be requeued).
-    preempt_signals: list = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    # Signals that ask the run to checkpoint at the next step boundary and exit (to be requeued):
+    # Slurm's --signal (USR1/USR2; the launchers use USR2) and the TERM sent on preemption.
+    preempt_signals: list = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
     # Deep-merged last into the generated DeepSpeed config, e.g.
     # {zero_optimization: {stage3_prefetch_bucket_size: 5e8, stage3_max_live_parameters: 1e9}}.
     deepspeed: dict = field(default_factory=dict)
@@ -151,6 +154,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
     def validate(self, name: str) -> None:
         check(self.steps >= 1, "steps must be >= 1")
@@ -216,6 +220,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -257,6 +266,30 @@ def to_dict(cfg: Any) -> Any:
 # YAML files, includes and overrides
 # ---------------------------------------------------------------------------------------------
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2-style scalars: no base-60 numbers (``4:00:00`` stays a string), ``1e-3`` is a float."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers
+            if not (tag.endswith((":int", ":float")) and rx.match("1:00"))]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def deep_merge(base: dict, update: dict) -> dict:
     """Recursively merge ``update`` into a copy of ``base`` (update wins)."""
     out = dict(base)
@@ -285,7 +318,7 @@ def load_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     if p in _seen:
         raise ConfigError(f"config include cycle: {' -> '.join(map(str, _seen + (p,)))}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = parse_yaml(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -306,7 +339,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override '{item}' must look like key.path=value, e.g. model.vision.width=64")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = parse_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         node = out
@@ -337,7 +370,7 @@ def _validate_tree(cfg: Any, name: str) -> None:
 def validate(cfg: Config) -> Config:
     """Run every node's checks and the cross-section checks; return ``cfg``."""
     _validate_tree(cfg, "")
-    check(cfg.model.text.context_length == cfg.data.context_length,
+    check(cfg.data.context_length in (None, cfg.model.text.context_length),
           f"model.text.context_length={cfg.model.text.context_length} differs from "
           f"data.context_length={cfg.data.context_length}; set both to the same value")
     return cfg

@@ -199,14 +199,14 @@ def all_reduce_sum(values: Sequence[float]) -> list[float]:
 
 
 class PreemptionFlag:
-    """Set by a signal (Slurm sends SIGUSR1 / SIGTERM ahead of preemption or the time limit).
+    """Set by a signal (Slurm sends SIGUSR1/2 or SIGTERM ahead of preemption or the time limit).
 
     The handler only records the signal; the training loop reads :attr:`requested` at each step
     boundary and passes it to :func:`agree`, so the collective checkpoint that follows happens on
     every rank at the same step even when only one rank received the signal.
     """
 
-    def __init__(self, signals: Sequence[str] = ("SIGUSR1", "SIGTERM")):
+    def __init__(self, signals: Sequence[str] = ("SIGUSR1", "SIGUSR2", "SIGTERM")):
         self.signals = [self._lookup(name) for name in signals]
         self.received: Optional[str] = None
         self._previous: dict[int, object] = {}

@@ -269,6 +269,9 @@ def clamp_logit_scale(engine: Engine) -> tuple[float, float]:
         if _is_zero3(scale):
             scale.ds_tensor.data.clamp_(0.0, high)
         scale.data.clamp_(0.0, high)  # the full tensor where this rank holds one (else empty)
+    if bias is None:  # CLIP: InfoNCE has no bias
+        with _gathered([scale]):
+            return float(scale.detach().float()), 0.0
     with _gathered([scale, bias]):
         return float(scale.detach().float()), float(bias.detach().float())
 

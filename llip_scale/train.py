@@ -43,7 +43,7 @@ class TrainState:
     nonfinite_total: int = 0
     nonfinite_streak: int = 0
     data: Any = None  # the data state after the last consumed batch
-    skipped_samples: dict = field(default_factory=dict)  # reason -> count over all ranks, at last log
+    skipped_samples: dict = field(default_factory=dict)  # reason -> count over all ranks, last logged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,9 +107,9 @@ def build_tokenizer(cfg: Config) -> Any:
     if cfg.data.source == "synthetic":
         from llip_scale.data.synthetic import SyntheticTokenizer
         t = cfg.model.text
-        return SyntheticTokenizer(t.vocab_size, cfg.data.context_length, t.eot_id, t.pad_id)
+        return SyntheticTokenizer(t.vocab_size, t.context_length, t.eot_id, t.pad_id)
     from llip_scale.data import Tokenizer
-    tok = Tokenizer(cfg.data.tokenizer, cfg.data.context_length)
+    tok = Tokenizer(cfg.data.tokenizer, t.context_length)
     t = cfg.model.text
     if tok.vocab_size > t.vocab_size or tok.eot_id != t.eot_id:
         raise ConfigError(f"tokenizer {cfg.data.tokenizer} has vocab_size={tok.vocab_size}, eot_id={tok.eot_id} but "
@@ -146,15 +146,32 @@ def heldout_enabled(cfg: Config) -> bool:
 
 
 def evaluate(engine: Any, cfg: Config, env: Any, tokenizer: Any) -> dict[str, float]:
-    """End-of-run / every-N-steps evaluation (the trainer's held-out metrics)."""
+    """Evaluation every ``eval.every`` steps and at the end: the held-out loss and recall of
+    :mod:`llip_scale.heldout`, and zero-shot / retrieval on the eval folders when they are set.
+    Every rank runs it (ZeRO-3 gathers parameters collectively); rank 0 reports it."""
+    import contextlib
+
+    import torch
+
     from llip_scale.heldout import evaluate_heldout
 
-    if not heldout_enabled(cfg):
-        return {}
-    if cfg.eval.heldout_samples < env.world_size:
-        raise ConfigError(f"eval.heldout_samples={cfg.eval.heldout_samples} is fewer than the {env.world_size} "
-                          "ranks; raise it or set it to 0")
-    return evaluate_heldout(engine.module, iter(build_loader(cfg, env, tokenizer, "heldout")), cfg, env)
+    out: dict[str, float] = {}
+    if heldout_enabled(cfg):
+        if cfg.eval.heldout_samples < env.world_size:
+            raise ConfigError(f"eval.heldout_samples={cfg.eval.heldout_samples} is fewer than the {env.world_size} "
+                              "ranks; raise it or set it to 0")
+        out.update(evaluate_heldout(engine.module, iter(build_loader(cfg, env, tokenizer, "heldout")), cfg, env))
+    if cfg.eval.zeroshot_dir or cfg.eval.retrieval_dir:
+        from llip_scale.engine import compute_dtype
+        from llip_scale.eval.run import evaluate as evaluate_folders
+
+        dtype = compute_dtype(cfg)
+        cast = torch.autocast(env.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        with cast:
+            out.update(evaluate_folders(engine.module, tokenizer, cfg.model.vision.image_size, env.device,
+                                        zeroshot_dir=cfg.eval.zeroshot_dir, retrieval_dir=cfg.eval.retrieval_dir,
+                                        batch_size=cfg.eval.batch_size))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +201,8 @@ def due(step: int, every: int, last: int) -> bool:
 
 
 def skipped_samples(batch: Any) -> dict[str, float]:
-    """Samples the loaders dropped so far, by reason, summed over ranks (a collective)."""
+    """Samples the loaders dropped since the run started (their counts survive resumes), by
+    reason, summed over ranks (a collective)."""
     from llip_scale.distributed import all_gather_objects
     total: dict[str, float] = {}
     for per_rank in all_gather_objects(dict(getattr(batch, "skipped", {}) or {})):
@@ -209,8 +227,6 @@ def write_summary(cfg: Config, state: TrainState, final: dict[str, float], statu
 # ---------------------------------------------------------------------------------------------
 
 def main(cfg: Config) -> int:
-    import torch
-
     from llip_scale import checkpoint
     from llip_scale.distributed import PreemptionFlag, agree, all_gather_with_grad, barrier, init_distributed
     from llip_scale.engine import clamp_logit_scale, compute_dtype, initialize, local_batch_size, step_optimizer
@@ -246,68 +262,69 @@ def main(cfg: Config) -> int:
     losses: list[float] = []
     scale = bias = gnorm = lr = float("nan")
     final: dict[str, float] = {}
-    while state.step < cfg.steps:
-        # -- one step: local images x all ranks' texts ------------------------------------------
-        wait = time.perf_counter()
-        batch = next(batches)
-        meter.waited(time.perf_counter() - wait)
-        images = batch.images.to(env.device, dtype, non_blocking=True)  # [B_local, 3, S, S]
-        tokens = batch.tokens.to(env.device, non_blocking=True)  # [B_local, L]
-        loss = engine(images, tokens, gather=all_gather_with_grad, offset=env.rank * b_local)
-        verdict = agree(loss, preempt.requested)  # the same decisions on every rank
-        if verdict.nonfinite:
-            skip_update(state, cfg)
-        else:
-            lr = engine.get_lr()[0]  # the rate this update uses
-            gnorm = step_optimizer(engine, loss)
-            scale, bias = clamp_logit_scale(engine)
-            state.updates += 1
-            state.nonfinite_streak = 0
-            losses.append(verdict.loss)
-        state.step += 1
-        state.data = batch.state
-        meter.stepped()
+    status = "done"
+    try:
+        while state.step < cfg.steps:
+            # -- one step: local images x all ranks' texts --------------------------------------
+            wait = time.perf_counter()
+            batch = next(batches)
+            meter.waited(time.perf_counter() - wait)
+            images = batch.images.to(env.device, dtype, non_blocking=True)  # [B_local, 3, S, S]
+            tokens = batch.tokens.to(env.device, non_blocking=True)  # [B_local, L]
+            loss = engine(images, tokens, gather=all_gather_with_grad, offset=env.rank * b_local)
+            verdict = agree(loss, preempt.requested)  # the same decisions on every rank
+            if verdict.nonfinite:
+                skip_update(state, cfg)
+            else:
+                lr = engine.get_lr()[0]  # the rate this update uses
+                gnorm = step_optimizer(engine, loss)
+                scale, bias = clamp_logit_scale(engine)
+                state.updates += 1
+                state.nonfinite_streak = 0
+                losses.append(verdict.loss)
+            state.step += 1
+            state.data = batch.state
+            meter.stepped()
 
-        # -- metrics ----------------------------------------------------------------------------
-        if due(state.step, cfg.logging.every, cfg.steps):
-            state.skipped_samples = skipped_samples(batch)
-            scalars = {"train/loss": sum(losses) / len(losses) if losses else float("nan"),
-                       "train/lr": lr, "train/logit_scale": math.exp(scale),
-                       "train/logit_bias": bias, "train/grad_norm": gnorm,
-                       "train/nonfinite_steps": state.nonfinite_total, **meter.rates(),
-                       **{f"data/skipped/{k}": v for k, v in state.skipped_samples.items()}}
-            writer.write(state.step, scalars)
-            progress.update(state.step, scalars)
-            losses.clear()
+            # -- metrics ------------------------------------------------------------------------
+            if due(state.step, cfg.logging.every, cfg.steps):
+                state.skipped_samples = skipped_samples(batch)
+                scalars = {"train/loss": sum(losses) / len(losses) if losses else float("nan"),
+                           "train/lr": lr, "train/logit_scale": math.exp(scale),
+                           "train/logit_bias": bias, "train/grad_norm": gnorm,
+                           "train/nonfinite_steps": state.nonfinite_total, **meter.rates(),
+                           **{f"data/skipped/{k}": v for k, v in state.skipped_samples.items()}}
+                writer.write(state.step, scalars)
+                progress.update(state.step, scalars)
+                losses.clear()
 
-        # -- evaluation and checkpoints ---------------------------------------------------------
-        if due(state.step, cfg.eval.every, cfg.steps) or state.step == cfg.steps:
-            final = evaluate(engine, cfg, env, tokenizer)
-            if final:
-                writer.write(state.step, final)
-                progress.message(f"step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
-        if due(state.step, cfg.checkpoint.every, cfg.steps) or verdict.stop or state.step == cfg.steps:
-            path = checkpoint.save(engine, cfg, state.step,
-                                   {"train": asdict(state), "rng": checkpoint.rng_state()}, env)
-            progress.message(f"step {state.step}: checkpoint {path}")
-        if verdict.stop:
-            writer.close()
-            progress.message(f"stopped by {preempt.received or 'a signal on another rank'} at step "
-                             f"{state.step}; rerun the same command to continue")
-            if env.is_main:
-                write_summary(cfg, state, final, "preempted")
-            barrier()  # leave together: a launcher may kill the others once one rank exits
-            return EXIT_PREEMPTED
+            # -- evaluation, checkpoint, preemption ---------------------------------------------
+            if due(state.step, cfg.eval.every, cfg.steps) or state.step == cfg.steps:
+                final = evaluate(engine, cfg, env, tokenizer)
+                if final:
+                    writer.write(state.step, final)
+                    progress.message(f"step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
+            if due(state.step, cfg.checkpoint.every, cfg.steps) or verdict.stop or state.step == cfg.steps:
+                path = checkpoint.save(engine, cfg, state.step,
+                                       {"train": asdict(state), "rng": checkpoint.rng_state()}, env)
+                progress.message(f"step {state.step}: checkpoint {path}")
+            if verdict.stop:
+                progress.message(f"stopped by {preempt.received or 'a signal on another rank'} at step "
+                                 f"{state.step}; rerun the same command to continue")
+                status = "preempted"
+                break
+    finally:
+        preempt.restore()
+        progress.close()
+        writer.close()
 
-    progress.close()
-    writer.close()
-    preempt.restore()
     if env.is_main:
-        write_summary(cfg, state, final, "done")
-        log.info("done: %d steps; run folder %s; final %s", state.step, cfg.run_dir,
-                 json.dumps({k: round(v, 4) for k, v in final.items()}))
-    barrier()
-    return EXIT_OK
+        write_summary(cfg, state, final, status)
+        if status == "done":
+            log.info("done: %d steps; run folder %s; final %s", state.step, cfg.run_dir,
+                     json.dumps({k: round(v, 4) for k, v in final.items()}))
+    barrier()  # leave together: a launcher may stop the other ranks once one has exited
+    return EXIT_PREEMPTED if status == "preempted" else EXIT_OK
 
 
 if __name__ == "__main__":

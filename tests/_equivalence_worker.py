@@ -50,10 +50,11 @@ def one_stage(config: str, stage: int, env, out: Path) -> dict:
     b = cfg.batch_size // env.world_size
     mine = slice(env.rank * b, (env.rank + 1) * b)
 
-    # A forward whose update is skipped (what the trainer does on a non-finite loss) must leave
-    # the engine as it was.
+    # A forward whose update is skipped (what the trainer does on a non-finite loss: no
+    # backward, no step) must leave the engine as it was; so must an evaluation forward.
+    engine(images[mine], tokens[mine], gather=all_gather_with_grad, offset=env.rank * b)
     with torch.no_grad():
-        engine(images[mine], tokens[mine], gather=all_gather_with_grad, offset=env.rank * b)
+        engine.module.encode_image(images[mine])
     loss = engine(images[mine], tokens[mine], gather=all_gather_with_grad, offset=env.rank * b)
     engine.backward(loss)
     grads = E.full_gradients(engine)

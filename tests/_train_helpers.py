@@ -22,7 +22,7 @@ SMALL = {
     "seed": 3,
     "steps": 8,
     "batch_size": 8,
-    "data": {"source": "synthetic", "context_length": 16},
+    "data": {"source": "synthetic"},
     "model": {
         "vision": {"image_size": 16, "patch_size": 8, "width": 32, "depth": 1, "heads": 2, "mlp_dim": 64,
                    "num_tokens": 4},

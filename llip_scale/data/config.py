@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 
 @dataclass
@@ -11,7 +11,7 @@ class DataConfig:
     source: Literal["webdataset", "synthetic"] = "webdataset"
     shards: str = ""  # webdataset spec: brace patterns, several sources separated by '::'
     tokenizer: str = field(default="", metadata={"path": "file"})  # sentencepiece model file
-    context_length: int = 77
+    context_length: Optional[int] = None  # None: the text tower's context_length
     workers: int = 2
     seed: int = 0
 

@@ -87,7 +87,8 @@ class PooledHead(nn.Module):
         self.proj = nn.Linear(cfg.vision.width, cfg.head.embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=cfg.vision.width ** -0.5)
         self.logit_scale = nn.Parameter(torch.tensor(cfg.head.logit_scale_init()))
-        self.logit_bias = nn.Parameter(torch.tensor(cfg.head.init_logit_bias))
+        # InfoNCE is shift-invariant per row: CLIP has no bias to learn.
+        self.logit_bias = None if self.kind == "clip" else nn.Parameter(torch.tensor(cfg.head.init_logit_bias))
 
     def pool(self, s: Tensor) -> Tensor:
         vec = s.mean(dim=1) if self.kind == "meanpool" else s[:, 0]
@@ -96,7 +97,8 @@ class PooledHead(nn.Module):
     def forward(self, images: Tensor, texts: Tensor, all_images: Optional[Tensor], all_texts: Tensor, *,
                 offset: int = 0, normalizer: Optional[float] = None, scores: bool = False) -> Tensor:
         if scores:
-            return self.logit_scale.exp() * images @ texts.t() + (self.logit_bias if self.kind != "clip" else 0)
+            s = self.logit_scale.exp() * images @ texts.t()
+            return s if self.logit_bias is None else s + self.logit_bias
         if self.kind == "clip":
             return clip_loss(images, texts, all_images, all_texts, self.logit_scale, offset=offset)
         return sigmoid_loss(images, all_texts, self.logit_scale, self.logit_bias, offset=offset,

@@ -8,6 +8,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _positives(bi: int, bt: int, offset: int, device: torch.device) -> Tensor:
     if offset < 0 or offset + bi > bt:
         raise ValueError(f"positives at columns [{offset}, {offset + bi}) fall outside the {bt} columns")
@@ -21,7 +25,7 @@ def sigmoid_loss(images: Tensor, texts: Tensor, logit_scale: Tensor, logit_bias:
     bi, bt = scores.shape
     pos = _positives(bi, bt, offset, scores.device)
     sign = torch.where(torch.arange(bt, device=scores.device)[None] == pos[:, None], 1.0, -1.0)
-    return F.softplus(-sign * scores.float()).sum() / (normalizer or bi)
+    return F.softplus(-sign * _at_least_fp32(scores)).sum() / (normalizer or bi)
 
 
 def clip_loss(images: Tensor, texts: Tensor, all_images: Tensor, all_texts: Tensor, logit_scale: Tensor, *,
@@ -34,6 +38,6 @@ def clip_loss(images: Tensor, texts: Tensor, all_images: Tensor, all_texts: Tens
     scale = logit_scale.exp()
     bi = images.shape[0]
     pos = _positives(bi, all_texts.shape[0], offset, images.device)
-    i2t = F.cross_entropy((scale * images @ all_texts.t()).float(), pos, reduction="sum")
-    t2i = F.cross_entropy((scale * texts @ all_images.t()).float(), pos, reduction="sum")
+    i2t = F.cross_entropy(_at_least_fp32(scale * images @ all_texts.t()), pos, reduction="sum")
+    t2i = F.cross_entropy(_at_least_fp32(scale * texts @ all_images.t()), pos, reduction="sum")
     return (i2t + t2i) / (2 * bi)

@@ -40,4 +40,6 @@ def reference_loss(keys: Tensor, values: Tensor, w_o: Tensor, queries: Tensor, t
                    offset: int, normalizer: float) -> Tensor:
     scores = reference_scores(keys, values, w_o, queries, targets, logit_scale, logit_bias,
                               num_heads=num_heads, tau=tau)
-    return sigmoid_loss_from_scores(scores.float(), offset, normalizer)
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        scores = scores.float()  # the loss sum is accumulated in fp32 at least
+    return sigmoid_loss_from_scores(scores, offset, normalizer)

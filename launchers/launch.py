@@ -1,0 +1,156 @@
+"""``llip-launch CONFIG [overrides] [--dry-run]``: start a training run on Slurm or locally.
+
+config + overrides -> validated (the ``launcher`` section too) before anything is submitted ->
+RUN/config.yaml and a code snapshot (RUN/code) -> one of:
+  slurm            submitit AutoExecutor: nodes x tasks (one per GPU), USR2 ``signal_delay_s``
+                   before the time limit, requeue on preemption/time-out;
+  local/submitit   submitit LocalExecutor: N processes on this machine, same code path;
+  local/torchrun   torchrun --standalone --nproc_per_node N -m llip_scale.train RUN/config.yaml.
+Relaunching the same config into the same run folder resumes it (newest complete checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from llip_scale.config import Config, ConfigError, load_config, save_config
+
+SUBMITIT_DIR = "submitit"
+
+
+def _job_env(code_dir: Path) -> dict[str, str]:
+    """PYTHONPATH with the snapshot first, and the preemption signals the trainer listens to."""
+    path = os.environ.get("PYTHONPATH", "")
+    return {"PYTHONPATH": f"{code_dir}{os.pathsep}{path}" if path else str(code_dir),
+            "SUBMITIT_PREEMPT_SIGNAL": "USR2"}
+
+
+def slurm_parameters(cfg: Config, code_dir: Path) -> dict:
+    lc = cfg.launcher
+    env = f"export PYTHONPATH={shlex.quote(str(code_dir))}${{PYTHONPATH:+:$PYTHONPATH}} SUBMITIT_PREEMPT_SIGNAL=USR2"
+    params = dict(name=lc.job_name, nodes=lc.nodes, tasks_per_node=lc.tasks, cpus_per_task=lc.cpus_per_task,
+                  timeout_min=lc.minutes, slurm_signal_delay_s=lc.signal_delay_s,
+                  slurm_setup=[*lc.setup, env], slurm_additional_parameters=dict(lc.sbatch_extra))
+    if lc.gpus_per_node:
+        params["gpus_per_node"] = lc.gpus_per_node
+    if lc.mem_gb:
+        params["mem_gb"] = lc.mem_gb
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(lc, key):
+            params[f"slurm_{key}"] = getattr(lc, key)
+    return params
+
+
+def slurm_executor(cfg: Config, run_dir: Path, code_dir: Path):
+    import submitit
+
+    ex = submitit.AutoExecutor(folder=run_dir / SUBMITIT_DIR, cluster="slurm",
+                               slurm_max_num_timeout=cfg.launcher.max_requeues)
+    ex.update_parameters(**slurm_parameters(cfg, code_dir))
+    return ex
+
+
+@contextlib.contextmanager
+def _without_srun_check():
+    """submitit refuses to build a Slurm executor where srun is missing; a dry run needs none."""
+    from submitit.slurm.slurm import SlurmExecutor
+
+    original = SlurmExecutor.__dict__["affinity"]
+    SlurmExecutor.affinity = classmethod(lambda cls: 2)
+    try:
+        yield
+    finally:
+        SlurmExecutor.affinity = original
+
+
+def sbatch_script(cfg: Config, run_dir: Path, code_dir: Path) -> str:
+    """The sbatch file submitit would submit for this config."""
+    with _without_srun_check():
+        inner = slurm_executor(cfg, run_dir, code_dir)._executor
+    return inner._make_submission_file_text(inner._submitit_command_str, "dry-run")
+
+
+def local_executor(cfg: Config, run_dir: Path, code_dir: Path):
+    import submitit
+
+    lc = cfg.launcher
+    ex = submitit.LocalExecutor(folder=run_dir / SUBMITIT_DIR, max_num_timeout=lc.max_requeues)
+    ex.update_parameters(tasks_per_node=lc.tasks, nodes=1, gpus_per_node=lc.gpus_per_node,
+                         timeout_min=lc.minutes, signal_delay_s=lc.signal_delay_s)
+    return ex
+
+
+def torchrun_command(cfg: Config, config_path: Path) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.launcher.tasks}",
+            "-m", "llip_scale.train", str(config_path)]
+
+
+def prepare_run(cfg: Config) -> tuple[Path, Path, Path]:
+    """Write RUN/config.yaml and the code snapshot; returns (run_dir, config_path, code_dir)."""
+    from llip_scale.launchers.snapshot import snapshot_code
+
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.yaml"
+    save_config(cfg, config_path)
+    return run_dir, config_path, snapshot_code(run_dir)
+
+
+def submit(cfg: Config, wait: bool = False):
+    """Launch ``cfg`` as configured; returns the submitit job (or torchrun's exit code)."""
+    from llip_scale.launchers.job import TrainJob
+
+    run_dir, config_path, code_dir = prepare_run(cfg)
+    if cfg.launcher.kind == "local" and cfg.launcher.local_mode == "torchrun":
+        env = dict(os.environ, **_job_env(code_dir))
+        return subprocess.run(torchrun_command(cfg, config_path), env=env).returncode
+    if cfg.launcher.kind == "local":
+        os.environ.update(_job_env(code_dir))  # LocalExecutor tasks inherit this environment
+        job = local_executor(cfg, run_dir, code_dir).submit(TrainJob(str(config_path)))
+    else:
+        job = slurm_executor(cfg, run_dir, code_dir).submit(TrainJob(str(config_path)))
+    print(f"submitted job {job.job_id}; run folder {run_dir}; logs in {run_dir / SUBMITIT_DIR}")
+    if wait:
+        job.wait()
+    return job
+
+
+def dry_run(cfg: Config) -> str:
+    """What would be submitted, without writing or submitting anything."""
+    run_dir = Path(cfg.run_dir).resolve()
+    code_dir = run_dir / "code"
+    if cfg.launcher.kind == "slurm":
+        return sbatch_script(cfg, run_dir, code_dir)
+    if cfg.launcher.local_mode == "torchrun":
+        return shlex.join(torchrun_command(cfg, run_dir / "config.yaml"))
+    return (f"submitit LocalExecutor: {cfg.launcher.tasks} processes on this machine, time limit "
+            f"{cfg.launcher.minutes} min, USR2 {cfg.launcher.signal_delay_s}s before it; run folder {run_dir}")
+
+
+def cli(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="llip-launch", description=__doc__.splitlines()[0])
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--dry-run", action="store_true", help="print the job (for Slurm the sbatch script) and exit")
+    p.add_argument("--wait", action="store_true", help="wait for a submitit job to finish")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"llip-launch: config error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(dry_run(cfg))
+        return 0
+    result = submit(cfg, wait=args.wait)
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,53 @@
+"""Mixing weights of one image for several captions, and a picture of them.
+
+image -> keys [K, E]; captions -> queries [n, E]; per head h: softmax_k(<key_hk, q_h> / tau)
+-> weights [n, H, K]. The figure shows the image, then one row of heads x tokens heat maps per
+caption with its score: different captions should pick different mixture tokens.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def mixing_weights(keys: Tensor, queries: Tensor, num_heads: int, tau: float) -> Tensor:
+    """``keys`` [K, E] of one image, ``queries`` [n, E] -> weights [n, H, K] (rows sum to 1)."""
+    k, e = keys.shape
+    d = e // num_heads
+    logits = torch.einsum("khd,nhd->nhk", keys.view(k, num_heads, d), queries.view(-1, num_heads, d))
+    return torch.softmax(logits / tau, dim=-1)
+
+
+def plot_mixing(weights: Tensor, captions: Sequence[str], scores: Sequence[float],
+                image: Optional[np.ndarray] = None, title: str = ""):
+    """A matplotlib Figure: the image and, per caption, its [H x K] mixing weights."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, h, k = weights.shape
+    cols = 2 if image is not None else 1
+    fig, axes = plt.subplots(n, cols, figsize=(3 + 0.25 * k + (3 if image is not None else 0), 1.2 + 0.9 * n),
+                             squeeze=False, gridspec_kw={"width_ratios": [1, 3] if cols == 2 else [1]})
+    for row in range(n):
+        if image is not None:
+            ax = axes[row, 0]
+            ax.imshow(image) if row == 0 else None
+            ax.axis("off")
+        ax = axes[row, cols - 1]
+        im = ax.imshow(weights[row].cpu().numpy(), vmin=0.0, vmax=float(weights.max()), cmap="viridis",
+                       aspect="auto")
+        ax.set_title(f"{captions[row]}  (score {scores[row]:.2f})", fontsize=8, loc="left")
+        ax.set_yticks(range(h))
+        ax.set_ylabel("head", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes[-1, cols - 1].set_xlabel("mixture token", fontsize=7)
+    fig.colorbar(im, ax=axes[:, cols - 1].tolist(), shrink=0.8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig

@@ -1,0 +1,53 @@
+"""Launcher settings: Slurm time parsing, dry-run sbatch script, errors before submission."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from llip_scale.config import ConfigError, load_config
+from llip_scale.launchers.config import parse_slurm_time
+from llip_scale.launchers.launch import dry_run
+
+
+@pytest.mark.parametrize("text, minutes", [
+    ("90", 90), ("10:30", 11), ("04:00:00", 240), ("1-00", 1440), ("2-03:30", 2 * 1440 + 210),
+    ("1-00:00:01", 1441),
+])
+def test_slurm_time_formats(text, minutes):
+    assert parse_slurm_time(text) == minutes
+
+
+def test_dry_run_sbatch_has_the_requested_resources(tmp_path):
+    cfg = load_config("models/tiny.yaml", [
+        f"run_dir={tmp_path / 'run'}", "launcher.kind=slurm", "launcher.nodes=4", "launcher.gpus_per_node=8",
+        "launcher.cpus_per_task=10", "launcher.partition=learn", "launcher.account=vision", "launcher.qos=high",
+        "launcher.constraint=h100", "launcher.time=2-00:00:00", "launcher.signal_delay_s=300",
+        "launcher.mem_gb=512", "launcher.sbatch_extra={exclusive: true, mail-type: END}"])
+    script = dry_run(cfg)
+    for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --cpus-per-task=10", "#SBATCH --partition=learn", "#SBATCH --account=vision",
+                 "#SBATCH --qos=high", "#SBATCH --constraint=h100", "#SBATCH --time=2880",
+                 "#SBATCH --signal=USR2@300", "#SBATCH --mem=512GB", "#SBATCH --exclusive",
+                 "#SBATCH --mail-type=END", "SUBMITIT_PREEMPT_SIGNAL=USR2", "srun"]:
+        assert line in script, f"missing {line!r} in\n{script}"
+    assert f"PYTHONPATH={tmp_path / 'run' / 'code'}" in script
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("override, message", [
+    ("launcher.partiton=learn", "unknown config key 'launcher.partiton'; did you mean 'launcher.partition'?"),
+    ("launcher.nodes=0", "launcher.nodes must be >= 1"),
+    ("launcher.time=4h", "launcher.time '4h' is not a Slurm time"),
+    ("launcher.signal_delay_s=7200", "launcher.signal_delay_s=7200 is not shorter than launcher.time=01:00:00"),
+])
+def test_bad_launcher_settings_fail_before_submission(override, message, tmp_path):
+    extra = ["launcher.kind=slurm", "launcher.time=01:00:00"]
+    with pytest.raises(ConfigError) as err:
+        load_config("models/tiny.yaml", extra + [override])
+    assert message in str(err.value)
+    proc = subprocess.run([sys.executable, "-m", "llip_scale.launchers.launch", "models/tiny.yaml", *extra, override,
+                           f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not (tmp_path / "run").exists()
