@@ -114,9 +114,9 @@ class EvalConfig:
     zeroshot_dir: str = path_field(kind="dir")
     retrieval_dir: str = path_field(kind="dir")
     batch_size: int = 64
-    # Held-out split scored by the trainer itself (loss and recall@1 on image-text pairs):
-    # webdataset shard spec for data.source=webdataset (empty: skipped); the synthetic source
-    # has its own held-out stream.
+    # Held-out pairs scored by the trainer itself (loss and recall@1): the synthetic source has
+    # its own held-out stream; for webdataset data, these shards, else the first caption of each
+    # image of retrieval_dir; neither: no held-out loss.
     heldout_shards: str = ""
     heldout_samples: int = 512  # pairs, over all ranks; 0 disables the held-out evaluation
 

@@ -189,15 +189,6 @@ def broadcast_object(obj: object) -> object:
     return box[0]
 
 
-def all_reduce_sum(values: Sequence[float]) -> list[float]:
-    """Element-wise sum of ``values`` over ranks."""
-    t = torch.tensor(list(values), dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.to(_collective_device())
-        dist.all_reduce(t)
-    return t.cpu().tolist()
-
-
 class PreemptionFlag:
     """Set by a signal (Slurm sends SIGUSR1/2 or SIGTERM ahead of preemption or the time limit).
 

@@ -17,6 +17,7 @@ weights from any stage's checkpoint without starting processes.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import os
@@ -212,7 +213,8 @@ def initialize(cfg: Config, env: DistEnv) -> Engine:
     """Model + AdamW + schedule wrapped in a DeepSpeed engine for this rank."""
     # DeepSpeed's own comm layer wraps the process group we already set up (zero.Init reads the
     # world size from it).
-    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # its "op built successfully" line, per rank
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
     ds_config = deepspeed_config(cfg, env.world_size)
     schedule = WarmupCosine(cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio, cfg.optim.schedule)
     with _scalar_parameters_safe():

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from llip_scale.config import Config, ConfigError, load_config, save_config, to_dict
 
@@ -141,8 +141,13 @@ def build_loader(cfg: Config, env: Any, tokenizer: Any, split: str = "train") ->
     return build_train_loader(data_cfg, **kw)
 
 
-def heldout_enabled(cfg: Config) -> bool:
-    return cfg.eval.heldout_samples > 0 and (cfg.data.source == "synthetic" or bool(cfg.eval.heldout_shards))
+def heldout_source(cfg: Config) -> str:
+    """Where the held-out pairs come from: synthetic, shards, folder, or none."""
+    if cfg.eval.heldout_samples == 0:
+        return "none"
+    if cfg.data.source == "synthetic":
+        return "synthetic"
+    return "shards" if cfg.eval.heldout_shards else "folder" if cfg.eval.retrieval_dir else "none"
 
 
 def evaluate(engine: Any, cfg: Config, env: Any, tokenizer: Any) -> dict[str, float]:
@@ -153,14 +158,19 @@ def evaluate(engine: Any, cfg: Config, env: Any, tokenizer: Any) -> dict[str, fl
 
     import torch
 
-    from llip_scale.heldout import evaluate_heldout
+    from llip_scale.heldout import evaluate_heldout, folder_pairs
 
     out: dict[str, float] = {}
-    if heldout_enabled(cfg):
-        if cfg.eval.heldout_samples < env.world_size:
-            raise ConfigError(f"eval.heldout_samples={cfg.eval.heldout_samples} is fewer than the {env.world_size} "
-                              "ranks; raise it or set it to 0")
+    source, samples = heldout_source(cfg), cfg.eval.heldout_samples
+    if source != "none" and samples < env.world_size:
+        raise ConfigError(f"eval.heldout_samples={samples} is fewer than the {env.world_size} ranks; "
+                          "raise it or set it to 0")
+    if source in ("synthetic", "shards"):
         out.update(evaluate_heldout(engine.module, iter(build_loader(cfg, env, tokenizer, "heldout")), cfg, env))
+    elif source == "folder":
+        per_rank, batches = folder_pairs(cfg.eval.retrieval_dir, tokenizer, cfg.model.vision.image_size, samples,
+                                         cfg.eval.batch_size, env)
+        out.update(evaluate_heldout(engine.module, batches, cfg, env, per_rank))
     if cfg.eval.zeroshot_dir or cfg.eval.retrieval_dir:
         from llip_scale.engine import compute_dtype
         from llip_scale.eval.run import evaluate as evaluate_folders
@@ -313,6 +323,8 @@ def main(cfg: Config) -> int:
                                  f"{state.step}; rerun the same command to continue")
                 status = "preempted"
                 break
+        if status == "done" and not final:  # resumed at the end: report its numbers again
+            final = evaluate(engine, cfg, env, tokenizer)
     finally:
         preempt.restore()
         progress.close()
