@@ -1,6 +1,6 @@
 """Run under torchrun (2 ranks): the distributed loss and gradients vs one process.
 
-For ZeRO stage 0 and 3: build the engine as the trainer does, take the initial weights, run one
+For ZeRO stage 0, 3, and 3 with activation checkpointing: build the engine as the trainer does, take the initial weights, run one
 step on each rank's half of a fixed global batch (text side all-gathered) and collect the loss
 of every rank and every full gradient. Rank 0 then runs the plain model on the whole batch in
 one process with the same weights. The step also goes through the logit-scale clamp (the scale
@@ -41,8 +41,9 @@ def master_scale(engine) -> float:
     return float((value if value is not None else p).detach())
 
 
-def one_stage(config: str, stage: int, env, out: Path) -> dict:
-    cfg = load_config(config, [f"distributed.zero_stage={stage}", f"run_dir={out / f'run{stage}'}"])
+def one_stage(config: str, stage: int, env, out: Path, recompute: bool = False) -> dict:
+    cfg = load_config(config, [f"distributed.zero_stage={stage}", f"run_dir={out / f'run{stage}'}",
+                               f"distributed.activation_checkpointing={recompute}"])
     torch.manual_seed(0)
     engine = E.initialize(cfg, env)
     init = E.full_state_dict(engine)
@@ -70,7 +71,7 @@ def one_stage(config: str, stage: int, env, out: Path) -> dict:
     result["master_step2"] = master_scale(engine)
     result["max_logit_scale"] = cfg.model.head.max_logit_scale
 
-    if stage == 3:
+    if stage == 3 and not recompute:
         checkpoint.save(engine, cfg, 2, {"train": {"step": 2}, "rng": checkpoint.rng_state()}, env)
         result["weights_after"] = E.full_state_dict(engine)
         result["checkpoint"] = str(checkpoint.checkpoint_root(cfg.run_dir) / checkpoint.step_tag(2))
@@ -89,6 +90,7 @@ def main() -> None:
     config, out = sys.argv[1], Path(sys.argv[2])
     env = init_distributed("gloo")
     results = {stage: one_stage(config, stage, env, out) for stage in (0, 3)}
+    results["3+recompute"] = one_stage(config, 3, env, out, recompute=True)
     if env.is_main:
         torch.save(results, out / "results.pt")
 
