@@ -1,0 +1,122 @@
+"""Exact resume of the training loader: save after N batches, rebuild, the next M are identical."""
+from __future__ import annotations
+
+import itertools
+import pickle
+
+import pytest
+import torch
+
+from llip_scale.config import ConfigError
+from llip_scale.data import DataConfig, build_train_loader
+from llip_scale.data import stream as stream_module
+
+from shardgen import make_tokenizer, write_good_shards
+
+BATCH, IMAGE = 5, 16
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    spec = write_good_shards(root / "a", shards=4, per_shard=12)
+    spec_b = write_good_shards(root / "b", shards=2, per_shard=7, start=1000)
+    return spec + "::" + spec_b, make_tokenizer(root)
+
+
+def _loader(data, workers: int, rank: int = 0, world_size: int = 2, seed: int = 7):
+    spec, tok = data
+    cfg = DataConfig(shards=spec, weights=[2.0, 1.0], context_length=tok.context_length,
+                     workers=workers, shuffle_buffer=4, prefetch=2)
+    return build_train_loader(cfg, batch_size=BATCH, rank=rank, world_size=world_size,
+                              image_size=IMAGE, tokenizer=tok, seed=seed)
+
+
+def _take(loader, n: int) -> list:
+    return list(itertools.islice(iter(loader), n))
+
+
+def _same(a, b) -> bool:
+    return torch.equal(a.images, b.images) and torch.equal(a.tokens, b.tokens)
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_resume_gives_the_next_batches_exactly(data, workers, rank):
+    n, m = 5, 6  # n odd: with 2 workers the resumed run starts on the second stream
+    full = _take(_loader(data, workers, rank), n + m)
+    assert full[0].images.shape == (BATCH, 3, IMAGE, IMAGE) and full[0].images.dtype == torch.float32
+    assert full[0].tokens.shape == (BATCH, data[1].context_length) and full[0].tokens.dtype == torch.int64
+
+    first = _loader(data, workers, rank)
+    head = _take(first, n)
+    assert head[-1].state == first.state_dict()
+    assert all(_same(a, b) for a, b in zip(head, full))  # the run is deterministic
+    saved = pickle.loads(pickle.dumps(head[-1].state))
+
+    resumed = _loader(data, workers, rank)
+    resumed.load_state_dict(saved)
+    tail = _take(resumed, m)
+    for k, (a, b) in enumerate(zip(tail, full[n:])):
+        assert _same(a, b), f"batch {n + k} differs after resume"
+        assert a.state == b.state and a.skipped == b.skipped
+
+
+def test_zero_and_one_worker_states_are_interchangeable(data):
+    """Both run stream 0 of the rank, in the training process or in one worker."""
+    full = _take(_loader(data, 0), 5)
+    one = _loader(data, 1)
+    one.load_state_dict(full[1].state)
+    assert all(_same(a, b) for a, b in zip(_take(one, 3), full[2:]))
+
+
+def test_ranks_and_seeds_give_different_streams(data):
+    r0, r1 = _take(_loader(data, 0, rank=0), 2), _take(_loader(data, 0, rank=1), 2)
+    other_seed = _take(_loader(data, 0, rank=0, seed=8), 2)
+    assert not _same(r0[0], r1[0]) and not _same(r0[0], other_seed[0])
+
+
+def test_workers_interleave_round_robin_and_differ(data):
+    batches = _take(_loader(data, 2), 4)
+    assert [b.state["batches"] for b in batches] == [1, 2, 3, 4]
+    assert not _same(batches[0], batches[1])  # the two worker streams are independent
+
+
+def test_resume_reads_only_the_current_shard(data, monkeypatch):
+    loader = _loader(data, 0)
+    state = _take(loader, 9)[-1].state
+    current = state["streams"][0]["shard"]
+    assert current["consumed"] > 0
+
+    opened: list[str] = []
+    real_open = stream_module.open_shard
+
+    def recording_open(url):
+        opened.append(url)
+        return real_open(url)
+
+    monkeypatch.setattr(stream_module, "open_shard", recording_open)
+    resumed = _loader(data, 0)
+    resumed.load_state_dict(state)
+    _take(resumed, 1)
+    assert opened[0] == current["url"]  # it reopens the shard it was in, not the stream start
+    assert len(opened) <= 3  # that shard, then the ones the next batch draws from
+
+
+def test_loading_a_state_from_another_setup_is_a_clear_error(data):
+    state = _take(_loader(data, 2), 3)[-1].state
+    for kwargs, word in ((dict(workers=1), "data.workers=2 but this run has data.workers=1"),
+                         (dict(workers=2, world_size=4), "world_size"),
+                         (dict(workers=2, rank=1), "rank")):
+        with pytest.raises(ConfigError, match=word):
+            _loader(data, **kwargs).load_state_dict(state)
+    with pytest.raises(ConfigError, match="version"):
+        _loader(data, 2).load_state_dict({"streams": []})
+
+
+def test_iterating_again_continues_where_the_last_loop_stopped(data):
+    full = _take(_loader(data, 1), 6)
+    loader = _loader(data, 1)
+    first = _take(loader, 2)
+    rest = _take(loader, 4)  # a new loop over the same loader (e.g. after an evaluation)
+    assert all(_same(a, b) for a, b in zip(first + rest, full))
