@@ -70,14 +70,17 @@ def summary_lines(cfg: Config, seconds: float | None) -> list[str]:
              f"  training     loss {first:.3f} -> {last:.3f} (first and last tenth of the logged steps), "
              f"{train[-1]['perf/samples_per_s']:.0f} samples/s, data wait {_percent(train[-1]['perf/data_wait'])}"]
     if "eval/loss" in summary:
+        from llip_scale.train import heldout_source
+        pairs = f"{summary['eval/pairs']:.0f} pairs" + (
+            ", the first caption of each retrieval image" if heldout_source(cfg) == "folder" else "")
         lines.append(f"  held-out     loss {summary['eval/loss']:.3f}, image->text R@1 "
                      f"{_percent(summary['eval/image_to_text_r1'])}, text->image R@1 "
-                     f"{_percent(summary['eval/text_to_image_r1'])} ({summary['eval/pairs']:.0f} pairs)")
+                     f"{_percent(summary['eval/text_to_image_r1'])} ({pairs})")
     for group in ("zeroshot", "retrieval"):
         values = {k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith(f"{group}/")}
         if values:
             lines.append(f"  {group:12s} " + ", ".join(f"{k} {_percent(v) if v <= 1 else f'{v:.3f}'}"
-                                                       for k, v in sorted(values.items())))
+                                                       for k, v in values.items()))
     if ckpts:
         lines.append(f"  export       python tools/export_checkpoint.py {run} {run}/export")
     return lines

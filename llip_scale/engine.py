@@ -8,8 +8,8 @@ The one module that imports deepspeed. Flow:
                + warmup/cosine LambdaLR ──> DeepSpeedEngine
 
 After every optimizer step :func:`clamp_logit_scale` clamps the logit scale in the optimizer's
-fp32 master copy (where ZeRO or mixed precision keeps one) and in the module parameter, which
-under ZeRO-3 is gathered for the edit. Checkpoint files are written and read here
+fp32 master copy (where ZeRO or mixed precision keeps one) and in the module parameter (under
+ZeRO-3, each rank in its own shard). Checkpoint files are written and read here
 (:func:`save_engine`, :func:`load_engine`); :mod:`llip_scale.checkpoint` owns the layout, the
 markers and the retention around them. :func:`consolidated_state_dict` rebuilds the full fp32
 weights from any stage's checkpoint without starting processes.
@@ -108,7 +108,9 @@ def _partitioned(make: Callable[[], ContrastiveModel], env: DistEnv, ds_config: 
     model = model.to(dtype)
     deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
     for buffer in model.buffers():  # not parameters, so not broadcast by zero.Init
-        torch.distributed.broadcast(buffer, 0)
+        payload = buffer.detach().to(env.device)
+        torch.distributed.broadcast(payload, 0)
+        buffer.data.copy_(payload)
     return model
 
 

@@ -78,14 +78,15 @@ def cli(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if rank == 0:
         save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    name = "llip-train" if rank == 0 else f"llip-train[rank {rank}]"
     try:
         return main(cfg)
     except ConfigError as e:
-        print(f"llip-train: config error: {e}", file=sys.stderr)
+        print(f"{name}: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except TrainingError as e:
-        if rank == 0:
-            print(f"llip-train: error: {e}", file=sys.stderr)
+        if rank == 0:  # every rank stops on the same agreed condition
+            print(f"{name}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
 
 
@@ -104,13 +105,12 @@ def setup_logging(rank: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def build_tokenizer(cfg: Config) -> Any:
+    t = cfg.model.text
     if cfg.data.source == "synthetic":
         from llip_scale.data.synthetic import SyntheticTokenizer
-        t = cfg.model.text
         return SyntheticTokenizer(t.vocab_size, t.context_length, t.eot_id, t.pad_id)
     from llip_scale.data import Tokenizer
     tok = Tokenizer(cfg.data.tokenizer, t.context_length)
-    t = cfg.model.text
     if tok.vocab_size > t.vocab_size or tok.eot_id != t.eot_id:
         raise ConfigError(f"tokenizer {cfg.data.tokenizer} has vocab_size={tok.vocab_size}, eot_id={tok.eot_id} but "
                           f"the model has model.text.vocab_size={t.vocab_size}, model.text.eot_id={t.eot_id}; "
@@ -257,7 +257,8 @@ def main(cfg: Config) -> int:
     if saved is not None:
         state = TrainState(**saved["train"])
     loader = build_loader(cfg, env, tokenizer)
-    loader.load_state_dict(state.data)
+    if state.data is not None:
+        loader.load_state_dict(state.data)
     batches = iter(loader)
 
     flops = train_flops_per_sample(cfg.model, cfg.batch_size, cfg.distributed.activation_checkpointing)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -73,13 +73,15 @@ class SyntheticLoader:
     def state_dict(self) -> dict:
         return {"next_batch": self.next_batch, "global_batch": self.batch_size * self.world_size}
 
-    def load_state_dict(self, state: Optional[dict]) -> None:
-        if not state:
-            return
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after the batch whose ``.state`` this is; call before iterating."""
+        from llip_scale.config import ConfigError
+
         global_batch = self.batch_size * self.world_size
-        if state.get("global_batch") != global_batch:
-            raise ValueError(f"data state was saved with global batch {state.get('global_batch')}, this run "
-                             f"uses {global_batch}; resume with the batch_size it was saved with")
+        if not isinstance(state, dict) or state.get("global_batch") != global_batch:
+            saved = state.get("global_batch") if isinstance(state, dict) else None
+            raise ConfigError(f"data state was saved with global batch {saved}, this run uses {global_batch}; "
+                              "resume with the batch_size it was saved with")
         self.next_batch = int(state["next_batch"])
 
     # -- samples ------------------------------------------------------------------------------
