@@ -84,7 +84,11 @@ def cli(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{name}: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except TrainingError as e:
+    except RuntimeError as e:
+        from llip_scale.checkpoint import ResumeError
+
+        if not isinstance(e, (TrainingError, ResumeError)):
+            raise
         if rank == 0:  # every rank stops on the same agreed condition
             print(f"{name}: error: {e}", file=sys.stderr)
         return EXIT_ERROR

@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Training throughput of a config with the Llip head vs the SigLIP head on the same towers.
 
-    python tools/bench_train.py [CONFIG] [--steps 60] [--nproc 2] [--json OUT.json] [overrides ...]
+    python tools/bench_train.py [CONFIG] [--steps 60] [--repeats 3] [--nproc 2] [--json OUT.json] [overrides ...]
 
 For each head kind, runs ``llip-train`` (torchrun, ``--nproc`` processes) for ``--steps`` steps
 in a fresh folder under ``--work`` without checkpoints or evaluation, then reads its
 ``metrics.jsonl``: steps/s and samples/s over the logged windows after the first (start-up and
-warm-up excluded), the data-wait fraction, and the MFU estimate. The Llip overhead is the ratio
-of the two step times.
+warm-up excluded), the data-wait fraction, and the MFU estimate. Runs alternate between the two
+heads ``--repeats`` times; the table shows the median run of each (by steps/s). The Llip
+overhead is the ratio of the two step times.
 """
 from __future__ import annotations
 
@@ -49,12 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", nargs="?", default="configs/experiments/demo.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides for both runs")
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_train_"))
-    rows = [run_one(args.config, kind, args.steps, args.nproc, work, args.overrides) for kind in ("llip", "siglip")]
+    runs: dict[str, list[dict]] = {"llip": [], "siglip": []}
+    for _ in range(args.repeats):
+        for kind in runs:
+            runs[kind].append(run_one(args.config, kind, args.steps, args.nproc, work, args.overrides))
+    rows = [sorted(r, key=lambda x: x["steps_per_s"])[len(r) // 2] for r in runs.values()]
     print(f"{'head':8s} {'steps/s':>8s} {'samples/s':>10s} {'data wait':>10s} {'MFU':>8s} {'loss':>8s}")
     for r in rows:
         print(f"{r['kind']:8s} {r['steps_per_s']:8.2f} {r['samples_per_s']:10.1f} {100 * r['data_wait']:9.1f}% "
@@ -64,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         info = {"config": args.config, "overrides": args.overrides, "steps": args.steps, "nproc": args.nproc,
                 "cpu_count": os.cpu_count(), "machine": platform.machine(),
-                "load_average": os.getloadavg(), "results": rows, "llip_over_siglip_step_time": overhead}
+                "load_average": os.getloadavg(), "median": rows, "runs": runs,
+                "llip_over_siglip_step_time": overhead}
         args.json.write_text(json.dumps(info, indent=1) + "\n")
     return 0
 
