@@ -62,6 +62,8 @@ class OptimConfig:
               f"{name}.betas must be two numbers in [0, 1), got {self.betas}")
         check(self.warmup_steps >= 0, f"{name}.warmup_steps must be >= 0")
         check(self.grad_clip >= 0, f"{name}.grad_clip must be >= 0 (0 disables it)")
+        check(self.max_nonfinite_steps >= 1, f"{name}.max_nonfinite_steps must be >= 1")
+        check(0 <= self.min_lr_ratio <= 1, f"{name}.min_lr_ratio must be in [0, 1]")
 
 
 @dataclass
@@ -72,14 +74,27 @@ class DistributedConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     offload_optimizer: bool = False
     offload_params: bool = False
-    # Deep-merged last into the generated DeepSpeed config: the place for zero_optimization
-    # knobs such as stage3_prefetch_bucket_size or stage3_max_live_parameters.
+    # Signals that ask the run to checkpoint at the next step boundary and exit (to be requeued):
+    # Slurm's --signal (USR1/USR2; the launchers use USR2) and the TERM sent on preemption.
+    preempt_signals: list = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
+    # Deep-merged last into the generated DeepSpeed config, e.g.
+    # {zero_optimization: {stage3_prefetch_bucket_size: 5e8, stage3_max_live_parameters: 1e9}}.
     deepspeed: dict = field(default_factory=dict)
 
     def validate(self, name: str) -> None:
         check(self.zero_stage in (0, 1, 2, 3), f"{name}.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         check(not self.offload_params or self.zero_stage == 3,
               f"{name}.offload_params needs {name}.zero_stage=3")
+        check(not self.offload_optimizer or self.zero_stage >= 1,
+              f"{name}.offload_optimizer needs {name}.zero_stage >= 1")
+        import signal
+        for sig in self.preempt_signals:
+            check(isinstance(sig, str) and hasattr(signal, sig.upper()),
+                  f"{name}.preempt_signals: '{sig}' is not a signal name; use e.g. SIGUSR1 or SIGTERM")
+        zero = self.deepspeed.get("zero_optimization")
+        if isinstance(zero, dict) and "stage" in zero:
+            check(zero["stage"] == self.zero_stage,
+                  f"{name}.deepspeed sets zero_optimization.stage={zero['stage']}; set {name}.zero_stage instead")
 
 
 @dataclass
@@ -99,20 +114,30 @@ class EvalConfig:
     zeroshot_dir: str = path_field(kind="dir")
     retrieval_dir: str = path_field(kind="dir")
     batch_size: int = 64
+    # Held-out pairs scored by the trainer itself (loss and recall@1): the synthetic source has
+    # its own held-out stream; for webdataset data, these shards, else the first caption of each
+    # image of retrieval_dir; neither: no held-out loss.
+    heldout_shards: str = ""
+    heldout_samples: int = 512  # pairs, over all ranks; 0 disables the held-out evaluation
 
     def validate(self, name: str) -> None:
         check(self.every >= 0, f"{name}.every must be >= 0")
         check(self.batch_size >= 1, f"{name}.batch_size must be >= 1")
+        check(self.heldout_samples >= 0, f"{name}.heldout_samples must be >= 0 (0 disables it)")
 
 
 @dataclass
 class LoggingConfig:
     every: int = 10
     tensorboard: bool = True
-    progress: Literal["auto", "bar", "lines", "none"] = "auto"
+    progress: Literal["auto", "bar", "lines", "none"] = "auto"  # auto: a bar on a TTY, else lines
+    # Peak dense FLOP/s of one device, in TFLOP/s, the denominator of the reported MFU. The
+    # default is a rough figure for a few CPU cores; use e.g. 989 for an H100/H200 in bf16.
+    peak_tflops: float = 0.1
 
     def validate(self, name: str) -> None:
         check(self.every >= 1, f"{name}.every must be >= 1")
+        check(self.peak_tflops > 0, f"{name}.peak_tflops must be > 0")
 
 
 @dataclass

@@ -1,16 +1,54 @@
-"""Training entry point: ``llip-train CONFIG [key.path=value ...]``.
+"""Training entry point: ``llip-train CONFIG [key.path=value ...]`` (also under torchrun).
 
-Loads the YAML config, applies the overrides, validates everything before any compute, writes
-the resolved config to ``RUN_DIR/config.yaml`` and runs the training loop.
+Flow: YAML + overrides -> validated config (written to ``RUN_DIR/config.yaml``) -> process
+group -> data sources checked -> model (``zero.Init`` under ZeRO-3) + AdamW + schedule in a
+DeepSpeed engine -> resume from the newest complete checkpoint of ``RUN_DIR`` if any -> the
+loop in :func:`main`: batch -> local images x gathered texts loss -> agree across ranks
+(global loss, non-finite, stop) -> backward + step + logit-scale clamp (or a skipped update)
+-> metrics -> held-out evaluation -> checkpoint -> exit on preemption. Rerunning the same
+command continues an interrupted run.
+
+Exit codes: 0 done, 1 training error, 2 bad config, 75 stopped by a signal after saving a
+checkpoint (EX_TEMPFAIL: rerun to continue).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import math
+import random
 import sys
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from llip_scale.config import Config, ConfigError, load_config, save_config, to_dict
 
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_PREEMPTED = 0, 1, 2, 75
+
+log = logging.getLogger("llip_scale.train")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (reported as one line, exit code 1)."""
+
+
+@dataclass
+class TrainState:
+    """What the loop itself must carry across a restart (per rank)."""
+    step: int = 0  # batches consumed: updates + skipped updates
+    updates: int = 0
+    nonfinite_total: int = 0
+    nonfinite_streak: int = 0
+    data: Any = None  # the data state after the last consumed batch
+    skipped_samples: dict = field(default_factory=dict)  # reason -> count over all ranks, last logged
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="llip-train", description=__doc__.splitlines()[0])
@@ -21,27 +59,289 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def prepare(args: argparse.Namespace) -> Config:
-    cfg = load_config(args.config, args.overrides)
-    return cfg
+    return load_config(args.config, args.overrides)
 
 
 def cli(argv: list[str] | None = None) -> int:
+    from llip_scale.distributed import launch_env
+
     args = parse_args(argv)
+    rank = launch_env()[0]
     try:
         cfg = prepare(args)
     except ConfigError as e:
         print(f"llip-train: config error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     if args.print_config:
         import yaml
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        return 0
-    save_config(cfg, Path(cfg.run_dir) / "config.yaml")
-    return main(cfg)
+        return EXIT_OK
+    if rank == 0:
+        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    name = "llip-train" if rank == 0 else f"llip-train[rank {rank}]"
+    try:
+        return main(cfg)
+    except ConfigError as e:
+        print(f"{name}: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except RuntimeError as e:
+        from llip_scale.checkpoint import ResumeError
 
+        if not isinstance(e, (TrainingError, ResumeError)):
+            raise
+        if rank == 0:  # every rank stops on the same agreed condition
+            print(f"{name}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def setup_logging(rank: int) -> None:
+    fmt = "llip-train: %(message)s" if rank == 0 else f"llip-train[rank {rank}]: %(message)s"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger("llip_scale")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.propagate = False
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+
+def build_tokenizer(cfg: Config) -> Any:
+    t = cfg.model.text
+    if cfg.data.source == "synthetic":
+        from llip_scale.data.synthetic import SyntheticTokenizer
+        return SyntheticTokenizer(t.vocab_size, t.context_length, t.eot_id, t.pad_id)
+    from llip_scale.data import Tokenizer
+    tok = Tokenizer(cfg.data.tokenizer, t.context_length)
+    if tok.vocab_size > t.vocab_size or tok.eot_id != t.eot_id:
+        raise ConfigError(f"tokenizer {cfg.data.tokenizer} has vocab_size={tok.vocab_size}, eot_id={tok.eot_id} but "
+                          f"the model has model.text.vocab_size={t.vocab_size}, model.text.eot_id={t.eot_id}; "
+                          "make them match")
+    return tok
+
+
+def check_data(cfg: Config) -> None:
+    """Fail before any compute when the data cannot be read."""
+    if cfg.data.source == "webdataset":
+        from llip_scale.data import check_sources
+        check_sources(cfg.data)
+
+
+def build_loader(cfg: Config, env: Any, tokenizer: Any, split: str = "train") -> Any:
+    from llip_scale.engine import local_batch_size
+
+    batch = local_batch_size(cfg, env.world_size) if split == "train" else cfg.eval.batch_size
+    kw = dict(batch_size=batch, rank=env.rank, world_size=env.world_size,
+              image_size=cfg.model.vision.image_size, tokenizer=tokenizer, seed=cfg.seed)
+    if cfg.data.source == "synthetic":
+        from llip_scale.data.synthetic import SyntheticLoader
+        return SyntheticLoader(cfg.data, split=split, **kw)
+    from dataclasses import replace
+
+    from llip_scale.data import build_train_loader
+    data_cfg = cfg.data if split == "train" else replace(cfg.data, shards=cfg.eval.heldout_shards)
+    return build_train_loader(data_cfg, **kw)
+
+
+def heldout_source(cfg: Config) -> str:
+    """Where the held-out pairs come from: synthetic, shards, folder, or none."""
+    if cfg.eval.heldout_samples == 0:
+        return "none"
+    if cfg.data.source == "synthetic":
+        return "synthetic"
+    return "shards" if cfg.eval.heldout_shards else "folder" if cfg.eval.retrieval_dir else "none"
+
+
+def evaluate(engine: Any, cfg: Config, env: Any, tokenizer: Any) -> dict[str, float]:
+    """Evaluation every ``eval.every`` steps and at the end: the held-out loss and recall of
+    :mod:`llip_scale.heldout`, and zero-shot / retrieval on the eval folders when they are set.
+    Every rank runs it (ZeRO-3 gathers parameters collectively); rank 0 reports it."""
+    import contextlib
+
+    import torch
+
+    from llip_scale.heldout import evaluate_heldout, folder_pairs
+
+    out: dict[str, float] = {}
+    source, samples = heldout_source(cfg), cfg.eval.heldout_samples
+    if source != "none" and samples < env.world_size:
+        raise ConfigError(f"eval.heldout_samples={samples} is fewer than the {env.world_size} ranks; "
+                          "raise it or set it to 0")
+    if source in ("synthetic", "shards"):
+        out.update(evaluate_heldout(engine.module, iter(build_loader(cfg, env, tokenizer, "heldout")), cfg, env))
+    elif source == "folder":
+        per_rank, batches = folder_pairs(cfg.eval.retrieval_dir, tokenizer, cfg.model.vision.image_size, samples,
+                                         cfg.eval.batch_size, env)
+        out.update(evaluate_heldout(engine.module, batches, cfg, env, per_rank))
+    if cfg.eval.zeroshot_dir or cfg.eval.retrieval_dir:
+        from llip_scale.engine import compute_dtype
+        from llip_scale.eval.run import evaluate as evaluate_folders
+
+        dtype = compute_dtype(cfg)
+        cast = torch.autocast(env.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        with cast:
+            out.update(evaluate_folders(engine.module, tokenizer, cfg.model.vision.image_size, env.device,
+                                        zeroshot_dir=cfg.eval.zeroshot_dir, retrieval_dir=cfg.eval.retrieval_dir,
+                                        batch_size=cfg.eval.batch_size))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers of the loop
+# ---------------------------------------------------------------------------------------------
+
+def seed_all(seed: int) -> None:
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def skip_update(state: TrainState, cfg: Config) -> None:
+    """Count a non-finite loss; stop the run when too many come in a row."""
+    state.nonfinite_total += 1
+    state.nonfinite_streak += 1
+    log.warning("step %d: non-finite loss, update skipped (%d in a row)", state.step + 1, state.nonfinite_streak)
+    if state.nonfinite_streak >= cfg.optim.max_nonfinite_steps:
+        raise TrainingError(f"the loss was non-finite for {state.nonfinite_streak} consecutive steps (last at step "
+                            f"{state.step + 1}); lower optim.lr, set optim.grad_clip, or use distributed.precision=fp32")
+
+
+def due(step: int, every: int, last: int) -> bool:
+    return every > 0 and (step % every == 0 or step == last)
+
+
+def skipped_samples(batch: Any) -> dict[str, float]:
+    """Samples the loaders dropped since the run started (their counts survive resumes), by
+    reason, summed over ranks (a collective)."""
+    from llip_scale.distributed import all_gather_objects
+    total: dict[str, float] = {}
+    for per_rank in all_gather_objects(dict(getattr(batch, "skipped", {}) or {})):
+        for reason, count in per_rank.items():
+            total[reason] = total.get(reason, 0) + count
+    return total
+
+
+def write_summary(cfg: Config, state: TrainState, final: dict[str, float], status: str) -> dict:
+    from llip_scale.checkpoint import MARKER, list_checkpoints
+    ckpts = [str(f.path) for f in list_checkpoints(cfg.run_dir) if (f.path / MARKER).is_file()]
+    summary = {"status": status, "run_dir": str(cfg.run_dir), "steps": state.step, "updates": state.updates,
+               "nonfinite_steps": state.nonfinite_total,
+               "tensorboard": str(Path(cfg.run_dir) / "tensorboard") if cfg.logging.tensorboard else None,
+               "metrics": str(Path(cfg.run_dir) / "metrics.jsonl"), "checkpoints": ckpts, **final}
+    (Path(cfg.run_dir) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
 
 def main(cfg: Config) -> int:
-    raise SystemExit("llip-train: the training loop is not available in this version")
+    from llip_scale import checkpoint
+    from llip_scale.distributed import PreemptionFlag, agree, all_gather_with_grad, barrier, init_distributed
+    from llip_scale.engine import clamp_logit_scale, compute_dtype, initialize, local_batch_size, step_optimizer
+    from llip_scale.flops import train_flops_per_sample
+    from llip_scale.metrics import MetricsWriter, Progress, StepMeter
+
+    env = init_distributed(cfg.distributed.backend)
+    setup_logging(env.rank)
+    check_data(cfg)
+    tokenizer = build_tokenizer(cfg)
+    b_local = local_batch_size(cfg, env.world_size)
+
+    seed_all(cfg.seed)  # the same initial weights on every rank
+    engine = initialize(cfg, env)
+    seed_all(cfg.seed + 1 + env.rank)  # anything random during training differs per rank
+    state = TrainState()
+    saved = checkpoint.resume(engine, cfg.run_dir, env) if cfg.checkpoint.resume else None
+    if saved is not None:
+        state = TrainState(**saved["train"])
+    loader = build_loader(cfg, env, tokenizer)
+    if state.data is not None:
+        loader.load_state_dict(state.data)
+    batches = iter(loader)
+
+    flops = train_flops_per_sample(cfg.model, cfg.batch_size, cfg.distributed.activation_checkpointing)
+    meter = StepMeter(cfg.batch_size, flops, env.world_size * cfg.logging.peak_tflops * 1e12)
+    writer = MetricsWriter(cfg.run_dir, env.is_main, cfg.logging.tensorboard, state.step)
+    progress = Progress(cfg.steps, state.step, cfg.logging.progress, env.is_main)
+    preempt = PreemptionFlag(cfg.distributed.preempt_signals).install()
+    dtype = compute_dtype(cfg)
+    log.info("run %s: %s, %d ranks, ZeRO-%d, %s, step %d of %d", cfg.run_dir, cfg.model.name, env.world_size,
+             cfg.distributed.zero_stage, cfg.distributed.precision, state.step, cfg.steps)
+
+    losses: list[float] = []
+    scale = bias = gnorm = lr = float("nan")
+    final: dict[str, float] = {}
+    status = "done"
+    try:
+        while state.step < cfg.steps:
+            # -- one step: local images x all ranks' texts --------------------------------------
+            wait = time.perf_counter()
+            batch = next(batches)
+            meter.waited(time.perf_counter() - wait)
+            images = batch.images.to(env.device, dtype, non_blocking=True)  # [B_local, 3, S, S]
+            tokens = batch.tokens.to(env.device, non_blocking=True)  # [B_local, L]
+            loss = engine(images, tokens, gather=all_gather_with_grad, offset=env.rank * b_local)
+            verdict = agree(loss, preempt.requested)  # the same decisions on every rank
+            if verdict.nonfinite:
+                skip_update(state, cfg)
+            else:
+                lr = engine.get_lr()[0]  # the rate this update uses
+                gnorm = step_optimizer(engine, loss)
+                scale, bias = clamp_logit_scale(engine)
+                state.updates += 1
+                state.nonfinite_streak = 0
+                losses.append(verdict.loss)
+            state.step += 1
+            state.data = batch.state
+            meter.stepped()
+
+            # -- metrics ------------------------------------------------------------------------
+            if due(state.step, cfg.logging.every, cfg.steps):
+                state.skipped_samples = skipped_samples(batch)
+                scalars = {"train/loss": sum(losses) / len(losses) if losses else float("nan"),
+                           "train/lr": lr, "train/logit_scale": math.exp(scale),
+                           "train/logit_bias": bias, "train/grad_norm": gnorm,
+                           "train/nonfinite_steps": state.nonfinite_total, **meter.rates(),
+                           **{f"data/skipped/{k}": v for k, v in state.skipped_samples.items()}}
+                writer.write(state.step, scalars)
+                progress.update(state.step, scalars)
+                losses.clear()
+
+            # -- evaluation, checkpoint, preemption ---------------------------------------------
+            if due(state.step, cfg.eval.every, cfg.steps) or state.step == cfg.steps:
+                final = evaluate(engine, cfg, env, tokenizer)
+                if final:
+                    writer.write(state.step, final)
+                    progress.message(f"step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
+            if due(state.step, cfg.checkpoint.every, cfg.steps) or verdict.stop or state.step == cfg.steps:
+                path = checkpoint.save(engine, cfg, state.step,
+                                       {"train": asdict(state), "rng": checkpoint.rng_state()}, env)
+                progress.message(f"step {state.step}: checkpoint {path}")
+            if verdict.stop:
+                progress.message(f"stopped by {preempt.received or 'a signal on another rank'} at step "
+                                 f"{state.step}; rerun the same command to continue")
+                status = "preempted"
+                break
+        if status == "done" and not final:  # resumed at the end: report its numbers again
+            final = evaluate(engine, cfg, env, tokenizer)
+    finally:
+        preempt.restore()
+        progress.close()
+        writer.close()
+
+    if env.is_main:
+        write_summary(cfg, state, final, status)
+        if status == "done":
+            log.info("done: %d steps; run folder %s; final %s", state.step, cfg.run_dir,
+                     json.dumps({k: round(v, 4) for k, v in final.items()}))
+    barrier()  # leave together: a launcher may stop the other ranks once one has exited
+    return EXIT_PREEMPTED if status == "preempted" else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 
 def _check(ok: bool, message: str) -> None:
@@ -13,6 +13,8 @@ def _check(ok: bool, message: str) -> None:
 
 @dataclass
 class DataConfig:
+    # webdataset: shards named by `shards`; synthetic: a seeded generated stream (tests, smoke runs).
+    source: Literal["webdataset", "synthetic"] = "webdataset"
     # Webdataset spec: brace patterns ("shard-{000000..000099}.tar"), local paths, folders of
     # .tar files or "pipe:COMMAND"; several sources separated by '::'.
     shards: str = ""

@@ -1,0 +1,278 @@
+"""Checkpoints: layout, save, find the newest complete one, resume, retention, export.
+
+Layout of one checkpoint, ``RUN/checkpoints/step_0000001000/``:
+
+    (DeepSpeed files)       model, optimizer and scheduler states of every rank
+    train_state_rank00000.pt ...  per-rank train state: step counters, data state, RNG states
+    config.yaml             the resolved config of the run
+    complete.json           written last, by rank 0, after a barrier: step, world size and the
+                            size of every file above
+
+Save: every rank writes its DeepSpeed shard and its train state -> barrier -> rank 0 writes the
+marker -> barrier -> rank 0 deletes old checkpoints beyond ``keep_last``. Resume: newest first,
+a checkpoint without a readable marker, or whose files are missing or not the recorded size, is
+skipped with a warning saying why; one that fails to load on any rank is skipped the same way
+(all ranks agree on the outcome), and skipped folders are renamed ``*.skipped``. A checkpoint
+whose files have the recorded sizes but corrupt contents inside DeepSpeed's own files can stop
+the ranks out of step; the size check covers interrupted and cut-short writes. Export rebuilds the full fp32 weights into one safetensors
+file next to the model config, which :func:`llip_scale.load_pretrained` reads.
+"""
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from llip_scale.config import Config, to_dict
+from llip_scale.distributed import DistEnv, all_gather_objects, barrier, broadcast_object
+from llip_scale.engine import Engine, consolidated_state_dict, load_engine, save_engine
+
+log = logging.getLogger("llip_scale.checkpoint")
+
+MARKER = "complete.json"
+PREFIX = "step_"
+
+
+class ResumeError(RuntimeError):
+    """The run folder holds checkpoints this run cannot continue from."""
+
+
+def checkpoint_root(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_tag(step: int) -> str:
+    return f"{PREFIX}{step:010d}"
+
+
+def rank_state_name(rank: int) -> str:
+    return f"train_state_rank{rank:05d}.pt"
+
+
+@dataclass(frozen=True)
+class Found:
+    step: int
+    path: Path
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Found]:
+    """Every ``step_*`` folder, newest first (complete or not)."""
+    root = checkpoint_root(run_dir)
+    found = []
+    for p in root.glob(f"{PREFIX}*") if root.is_dir() else []:
+        suffix = p.name[len(PREFIX):]
+        if p.is_dir() and suffix.isdigit():
+            found.append(Found(int(suffix), p))
+    return sorted(found, key=lambda f: f.step, reverse=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG and small files
+# ---------------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write, fsync, then rename: a reader sees the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# save and retention
+# ---------------------------------------------------------------------------------------------
+
+def save(engine: Engine, cfg: Config, step: int, rank_state: dict, env: DistEnv) -> Path:
+    """Write the checkpoint of ``step`` on every rank (a collective); return its folder."""
+    root = checkpoint_root(cfg.run_dir)
+    path = root / step_tag(step)
+    if env.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if path.exists():  # left by an attempt that died while writing this step
+            shutil.rmtree(path)
+    barrier()
+    save_engine(engine, root, path.name)
+    _write_atomic(path / rank_state_name(env.rank), _torch_bytes(rank_state))
+    if env.is_main:
+        _write_atomic(path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+    barrier()
+    if env.is_main:
+        files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
+        marker = {"step": step, "world_size": env.world_size, "zero_stage": cfg.distributed.zero_stage,
+                  "time": datetime.datetime.now().isoformat(timespec="seconds"), "files": files}
+        _write_atomic(path / MARKER, json.dumps(marker, indent=1).encode())
+    barrier()
+    if env.is_main:
+        prune(cfg.run_dir, cfg.checkpoint.keep_last, step)
+    return path
+
+
+def prune(run_dir: str | os.PathLike, keep_last: int, current: int) -> list[Path]:
+    """Keep the ``keep_last`` newest complete checkpoints up to ``current``; drop older ones
+    and unfinished writes older than ``current``. Newer folders (from an abandoned attempt
+    beyond the resume point) are left alone: this run rewrites them when it gets there."""
+    removed, kept = [], 0
+    for found in list_checkpoints(run_dir):
+        if found.step > current:
+            continue
+        complete = (found.path / MARKER).is_file()
+        if complete and kept < keep_last:
+            kept += 1
+            continue
+        if complete or found.step < current:
+            shutil.rmtree(found.path, ignore_errors=True)
+            removed.append(found.path)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# resume
+# ---------------------------------------------------------------------------------------------
+
+def problem(path: Path, world_size: Optional[int] = None) -> Optional[str]:
+    """Why the checkpoint at ``path`` cannot be used, or None when it looks complete.
+    Raises :class:`ResumeError` when it was written by a different number of ranks."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return "it has no completion marker (its write was interrupted)"
+    try:
+        info = json.loads(marker.read_text())
+        files = dict(info["files"])
+        saved_world = int(info["world_size"])
+    except (ValueError, KeyError, TypeError) as e:
+        return f"its completion marker is unreadable ({e})"
+    if world_size is not None and saved_world != world_size:
+        raise ResumeError(f"{path} was written by {saved_world} ranks but this run has {world_size}; "
+                          f"rerun with {saved_world} ranks, or export it and start a new run")
+    for rel, size in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} bytes where {size} were written"
+    return None
+
+
+def _inspect(path: Path, world_size: int) -> tuple[Optional[str], bool]:
+    """(reason it is unusable or None, whether that reason must stop the run), on rank 0."""
+    try:
+        return problem(path, world_size), False
+    except ResumeError as e:
+        return str(e), True
+
+
+def _on_all_ranks(action: Callable[[], Any], env: DistEnv, what: str) -> tuple[Any, Optional[str]]:
+    """Run ``action`` on every rank; (its result, None) if it succeeded everywhere, else
+    (None, reason). Agreeing after each phase keeps the ranks' collectives in step."""
+    result, reason = None, None
+    try:
+        result = action()
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use this checkpoint
+        first = str(e).splitlines()[0] if str(e) else ""
+        reason = f"rank {env.rank} ({type(e).__name__}: {first})"
+    reasons = [r for r in all_gather_objects(reason) if r is not None]
+    return (None, f"{what} failed on " + "; ".join(reasons)) if reasons else (result, None)
+
+
+def _load(engine: Engine, found: Found, env: DistEnv) -> tuple[Optional[dict], Optional[str], bool]:
+    """(rank state, None, _) on success; (None, reason, whether the engine was touched)."""
+    state, why = _on_all_ranks(lambda: torch.load(found.path / rank_state_name(env.rank), map_location="cpu",
+                                                   weights_only=False), env, "reading the train state")
+    if why is not None:
+        return None, why, False
+    _, why = _on_all_ranks(lambda: load_engine(engine, found.path.parent, found.path.name), env,
+                           "loading the model and optimizer")
+    return (state, None, False) if why is None else (None, why, True)
+
+
+def resume(engine: Engine, run_dir: str | os.PathLike, env: DistEnv) -> Optional[dict]:
+    """Load the newest usable checkpoint into ``engine``; return its rank state (RNG restored),
+    or None when there is none and the run starts from scratch.
+
+    Rank 0 inspects the folders and every rank follows its verdict. Checkpoints skipped on
+    the way (newer than the one loaded, so from an attempt that died) are renamed to
+    ``*.skipped``: kept for inspection, out of the way of retention and later resumes.
+    """
+    candidates = broadcast_object(list_checkpoints(run_dir) if env.is_main else None)
+    loaded, skipped, tainted = None, [], None
+    for found in candidates:
+        why, fatal = broadcast_object(_inspect(found.path, env.world_size) if env.is_main else None)
+        if fatal:
+            raise ResumeError(why)
+        if why is None:
+            loaded, why, touched = _load(engine, found, env)
+            tainted = found.path if touched else tainted
+            if loaded is not None:
+                set_rng_state(loaded["rng"])
+                if env.is_main:
+                    log.info("resumed from %s (step %d)", found.path, found.step)
+                break
+        if env.is_main:
+            log.warning("skipping checkpoint %s: %s", found.path, why)
+        skipped.append(found.path)
+    barrier()
+    if env.is_main:
+        for path in skipped:
+            path.rename(path.with_name(f"{path.name}.skipped"))
+    barrier()
+    if loaded is None and tainted is not None:
+        raise ResumeError(f"no checkpoint under {checkpoint_root(run_dir)} could be loaded and loading {tainted} "
+                          "failed part-way; move the folder away to start the run over")
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------------
+# export and loading for inference
+# ---------------------------------------------------------------------------------------------
+
+def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Consolidate a checkpoint (any ZeRO stage) into ``out_dir/model.safetensors`` + ``config.yaml``."""
+    from safetensors.torch import save_file
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {checkpoint} does not exist")
+    why = problem(checkpoint)
+    if why is not None:
+        raise ResumeError(f"{checkpoint} cannot be exported: {why}")
+    model_cfg = yaml.safe_load((checkpoint / "config.yaml").read_text())["model"]
+    state = consolidated_state_dict(checkpoint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    step = json.loads((checkpoint / MARKER).read_text())["step"]
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"step": str(step), "format": "pt"})
+    (out_dir / "config.yaml").write_text(yaml.safe_dump({"model": model_cfg}, sort_keys=False))
+    return out_dir / "model.safetensors"

@@ -1,0 +1,227 @@
+"""Process group, rank helpers, the text-side all-gather, and the preemption flag.
+
+Flow: launcher environment (torchrun: RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT;
+Slurm: SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID) -> :func:`init_distributed` -> a
+:class:`DistEnv` (rank, world size, device) with the default process group up (gloo on CPU, nccl
+on CUDA; a one-process run gets a one-rank group so the rest of the code has a single path).
+
+In the training step each rank all-gathers the text side with :func:`all_gather_with_grad`,
+whose backward *sums* the incoming gradients over ranks and keeps this rank's rows (a
+reduce-scatter), then once per step :func:`agree` all-reduces the loss together with the
+"loss is non-finite" and "stop requested" flags, so every rank takes the same decision at the
+same step boundary. Signal handlers (:class:`PreemptionFlag`) only set a local flag.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from types import FrameType
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(names: Sequence[str], default: int) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return int(value)
+    return default
+
+
+def launch_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun or Slurm variables; (0, 1, 0) when absent."""
+    rank = _env_int(("RANK", "SLURM_PROCID"), 0)
+    world = _env_int(("WORLD_SIZE", "SLURM_NTASKS"), 1)
+    local = _env_int(("LOCAL_RANK", "SLURM_LOCALID"), 0)
+    return rank, world, local
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """``auto``: nccl on CUDA, gloo elsewhere."""
+    if requested == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if requested == "nccl" and device.type != "cuda":
+        raise RuntimeError("distributed.backend=nccl needs CUDA devices; use distributed.backend=auto (gloo on CPU)")
+    return requested
+
+
+def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
+    """Bring up the default process group (idempotent) and return this process's DistEnv."""
+    rank, world, local = launch_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        if world > 1 and not os.environ.get("MASTER_ADDR"):
+            raise RuntimeError(f"a {world}-process run needs MASTER_ADDR and MASTER_PORT; launch it with "
+                               "torchrun or the llip_scale launchers")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # DeepSpeed reads these instead of asking the process group.
+        for key, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local)):
+            os.environ[key] = str(value)
+        dist.init_process_group(resolve_backend(backend, device), rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local, device)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# all-gather with gradient
+# ---------------------------------------------------------------------------------------------
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # [B_local, ...] -> [world * B_local, ...]
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        ctx.rows = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        # Every rank's loss depends on every rank's rows: this rank's gradient is the sum of
+        # all ranks' gradients for its rows, i.e. a reduce-scatter (sum) of the gathered grads.
+        grad = grad.contiguous()
+        rows, rank = ctx.rows, dist.get_rank()
+        if dist.get_backend() == "nccl":
+            out = torch.empty((rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        total = grad.clone()  # gloo has no reduce-scatter: all-reduce, then keep our rows
+        dist.all_reduce(total)
+        return total.narrow(0, rank * rows, rows)
+
+
+def all_gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate ``x`` [B_local, ...] from all ranks in rank order -> [world * B_local, ...].
+
+    All ranks must pass the same shape. Backward sums the gradients of all ranks (each rank's
+    loss covers its images against every text), so averaging the per-rank losses over ranks, as
+    data-parallel training does, gives the gradient of the global-batch loss.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return _AllGatherWithGrad.apply(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-step agreement and preemption
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepVerdict:
+    loss: float  # mean over ranks of the finite per-rank losses (nan when none is finite)
+    nonfinite: bool  # some rank's loss is nan or inf: every rank skips the update
+    stop: bool  # some rank was asked to stop: every rank saves and exits after this step
+
+
+def agree(loss: Tensor, stop_requested: bool) -> StepVerdict:
+    """One all-reduce per step: the global loss and the flags every rank must act on together."""
+    finite = bool(torch.isfinite(loss.detach()).item())
+    packed = torch.tensor([loss.detach().float().item() if finite else 0.0, float(finite),
+                           float(not finite), float(stop_requested)], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        packed = packed.to(_collective_device())
+        dist.all_reduce(packed)
+        packed = packed.cpu()
+    total, n_finite, n_bad, n_stop = packed.tolist()
+    return StepVerdict(total / n_finite if n_finite else float("nan"), n_bad > 0, n_stop > 0)
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_objects(obj: object) -> list:
+    """Every rank's ``obj`` (small, picklable), in rank order."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's ``obj`` on every rank (small, picklable)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class PreemptionFlag:
+    """Set by a signal (Slurm sends SIGUSR1/2 or SIGTERM ahead of preemption or the time limit).
+
+    The handler only records the signal; the training loop reads :attr:`requested` at each step
+    boundary and passes it to :func:`agree`, so the collective checkpoint that follows happens on
+    every rank at the same step even when only one rank received the signal.
+    """
+
+    def __init__(self, signals: Sequence[str] = ("SIGUSR1", "SIGUSR2", "SIGTERM")):
+        self.signals = [self._lookup(name) for name in signals]
+        self.received: Optional[str] = None
+        self._previous: dict[int, object] = {}
+
+    @staticmethod
+    def _lookup(name: str) -> signal.Signals:
+        try:
+            return signal.Signals[name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"]
+        except KeyError:
+            raise ValueError(f"unknown signal '{name}'; use names like SIGUSR1 or SIGTERM") from None
+
+    def install(self) -> "PreemptionFlag":
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        self.received = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None

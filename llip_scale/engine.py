@@ -1,0 +1,347 @@
+"""DeepSpeed: its config, model construction, the engine, and partition-aware helpers.
+
+The one module that imports deepspeed. Flow:
+
+    Config ──> deepspeed_config() (ZeRO stage, precision, clipping; ``distributed.deepspeed``
+               deep-merged last) ──> build_model() (under stage 3 partitioned by ``zero.Init``,
+               so each rank keeps only its shard) ──> initialize(): AdamW over param_groups()
+               + warmup/cosine LambdaLR ──> DeepSpeedEngine
+
+After every optimizer step :func:`clamp_logit_scale` clamps the logit scale in the optimizer's
+fp32 master copy (where ZeRO or mixed precision keeps one) and in the module parameter (under
+ZeRO-3, each rank in its own shard). Checkpoint files are written and read here
+(:func:`save_engine`, :func:`load_engine`); :mod:`llip_scale.checkpoint` owns the layout, the
+markers and the retention around them. :func:`consolidated_state_dict` rebuilds the full fp32
+weights from any stage's checkpoint without starting processes.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    os.environ["DS_ACCELERATOR"] = "cpu"  # otherwise DeepSpeed guesses, with a warning
+
+import deepspeed  # noqa: E402
+from deepspeed.utils import safe_get_full_grad  # noqa: E402
+
+from llip_scale.config import Config, ConfigError, deep_merge  # noqa: E402
+from llip_scale.distributed import DistEnv  # noqa: E402
+from llip_scale.model import ContrastiveModel, build_model as build_plain_model  # noqa: E402
+
+Engine = deepspeed.DeepSpeedEngine
+
+# DeepSpeed calls torch.distributed functions that torch now marks deprecated, once per call.
+warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+# DeepSpeed logs every save/load at INFO on every rank; our own lines say what matters.
+logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+deepspeed.utils.logger.setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------
+
+def compute_dtype(cfg: Config) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.distributed.precision]
+
+
+def local_batch_size(cfg: Config, world_size: int) -> int:
+    if cfg.batch_size % world_size:
+        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {world_size} ranks; "
+                         f"set batch_size to a multiple of {world_size}")
+    return cfg.batch_size // world_size
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed config dict of a run (``distributed.deepspeed`` merged in last)."""
+    d = cfg.distributed
+    zero: dict[str, Any] = {"stage": d.zero_stage}
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if d.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    out = {
+        "train_batch_size": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": local_batch_size(cfg, world_size),
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": d.precision == "bf16"},
+        "fp16": {"enabled": d.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2 ** 62,  # the trainer does its own logging
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(out, d.deepspeed)
+
+
+# ---------------------------------------------------------------------------------------------
+# model, optimizer, schedule
+# ---------------------------------------------------------------------------------------------
+
+def _partitioned(make: Callable[[], ContrastiveModel], env: DistEnv, ds_config: dict,
+                 dtype: torch.dtype) -> ContrastiveModel:
+    """ZeRO-3: the model with each rank holding only its shard of every parameter.
+
+    Rank 0 builds the whole model: the constructors initialise child modules' weights from
+    their parents (the transformer init, the embeddings), which ``zero.Init`` as a context
+    would skip, having already partitioned each child when its own constructor returned. The
+    other ranks allocate uninitialised storage; ``zero.Init(module=...)`` then takes one
+    parameter at a time, broadcasts it from rank 0 and keeps this rank's shard.
+    """
+    if env.rank == 0:
+        model = make()
+    else:
+        with torch.device("meta"):
+            model = make()
+        model = model.to_empty(device="cpu")
+    model = model.to(dtype)
+    deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
+    for buffer in model.buffers():  # not parameters, so not broadcast by zero.Init
+        payload = buffer.detach().to(env.device)
+        torch.distributed.broadcast(payload, 0)
+        buffer.data.copy_(payload)
+    return model
+
+
+def build_model(cfg: Config, env: DistEnv, ds_config: dict) -> ContrastiveModel:
+    """The model of ``cfg.model`` with the configured pair backend and activation checkpointing,
+    partitioned across ranks under ZeRO-3."""
+    from llip_scale.pairs import resolve_backend
+
+    backend = resolve_backend(cfg.loss.backend, env.device)
+
+    def make() -> ContrastiveModel:
+        return build_plain_model(cfg.model, backend, cfg.loss.chunk_size)
+
+    if cfg.distributed.zero_stage == 3:
+        model = _partitioned(make, env, ds_config, compute_dtype(cfg))
+    else:
+        model = make()
+    for tower in (model.visual, model.text):
+        tower.transformer.grad_checkpointing = cfg.distributed.activation_checkpointing
+    return model
+
+
+def _shape(p: nn.Parameter) -> torch.Size:
+    return getattr(p, "ds_shape", p.shape)  # ZeRO-3 leaves an empty placeholder in p.shape
+
+
+def decays(name: str, param: nn.Parameter) -> bool:
+    """Weight decay on matrices only: none on gains, biases, logit scale and bias."""
+    return len(_shape(param)) >= 2 and not name.endswith(("logit_scale", "logit_bias"))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    groups = {True: [], False: []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[decays(name, p)].append(p)
+    return [{"params": groups[True], "weight_decay": weight_decay, "name": "decay"},
+            {"params": groups[False], "weight_decay": 0.0, "name": "no_decay"}]
+
+
+class WarmupCosine:
+    """LR factor of update ``i`` (0-based): linear warmup to 1, then cosine (or constant) down to
+    ``min_ratio`` at update ``total``."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float = 0.0, kind: str = "cosine"):
+        self.warmup, self.total, self.min_ratio, self.kind = warmup, total, min_ratio, kind
+
+    def __call__(self, i: int) -> float:
+        if i < self.warmup:
+            return (i + 1) / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (i - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _optimizer(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if cfg.distributed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # the fast path for offloaded states
+        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+@contextlib.contextmanager
+def _scalar_parameters_safe() -> Iterator[None]:
+    """DeepSpeed broadcasts parameters from rank 0 through a byte view (``engine`` init for
+    stages 0-2, ``zero.Init`` for stage 3), which a 0-dim tensor such as the logit scale and
+    bias cannot take. Meanwhile, broadcast those through a 1-element view of the same storage."""
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    engine_broadcast, zero_init_param = deepspeed.DeepSpeedEngine._broadcast_model, Init._zero_init_param
+
+    def broadcast_model(engine: Engine) -> None:
+        scalars = [p for p in engine.module.parameters() if p.dim() == 0]
+        for p in scalars:
+            p.data = p.data.reshape(1)
+        try:
+            engine_broadcast(engine)
+        finally:
+            for p in scalars:
+                p.data = p.data.reshape(())
+
+    def init_param(init: Init, param: nn.Parameter) -> None:
+        if param.dim() > 0:
+            return zero_init_param(init, param)
+        comm = deepspeed.comm
+        init._convert_to_deepspeed_param(param)
+        group = init.get_partition_dp_group(param)
+        src = 0 if comm.get_world_group() == group else comm.get_global_rank(group, 0)
+        comm.broadcast(param.data.reshape(1).view(torch.uint8), src, group)
+        param.partition()
+
+    deepspeed.DeepSpeedEngine._broadcast_model, Init._zero_init_param = broadcast_model, init_param
+    try:
+        yield
+    finally:
+        deepspeed.DeepSpeedEngine._broadcast_model, Init._zero_init_param = engine_broadcast, zero_init_param
+
+
+def initialize(cfg: Config, env: DistEnv) -> Engine:
+    """Model + AdamW + schedule wrapped in a DeepSpeed engine for this rank."""
+    # DeepSpeed's own comm layer wraps the process group we already set up (zero.Init reads the
+    # world size from it).
+    with contextlib.redirect_stdout(io.StringIO()):  # its "op built successfully" line, per rank
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+    ds_config = deepspeed_config(cfg, env.world_size)
+    schedule = WarmupCosine(cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio, cfg.optim.schedule)
+    with _scalar_parameters_safe():
+        model = build_model(cfg, env, ds_config)
+        groups = param_groups(model, cfg.optim.weight_decay)
+        # A plain function, not the schedule object: LambdaLR then checkpoints only its position,
+        # and the warmup/horizon of a resumed run come from its config.
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=_optimizer(cfg, groups), config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda i: schedule(i)))
+    return engine
+
+
+# ---------------------------------------------------------------------------------------------
+# partition-aware helpers
+# ---------------------------------------------------------------------------------------------
+
+def _is_zero3(p: nn.Parameter) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def _gathered(params: list[nn.Parameter], modifier_rank: Optional[int] = None) -> ContextManager:
+    if any(_is_zero3(p) for p in params):
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+    return contextlib.nullcontext()
+
+
+def _clamp_master(p: nn.Parameter, low: float, high: float) -> None:
+    """Clamp the optimizer's fp32 copy of ``p`` where one exists (it overwrites p after a step)."""
+    if _is_zero3(p):
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+        local = safe_get_local_fp32_param(p)  # this rank's slice; clamping is element-wise
+        if local is not None:
+            safe_set_local_fp32_param(p, local.clamp(low, high))
+    elif getattr(p, "_hp_mapping", None) is not None:  # ZeRO-1/2, bf16 optimizer
+        p._hp_mapping.get_hp_fragment().data.clamp_(low, high)
+
+
+def clamp_logit_scale(engine: Engine) -> tuple[float, float]:
+    """Clamp logit_scale to [0, max_logit_scale] in every copy of it; return (scale, bias).
+
+    The clamp is element-wise, so each rank clamps the pieces it holds, with no communication:
+    the optimizer's fp32 master (which would otherwise overwrite the module parameter at the
+    next step), and under ZeRO-3 its shard of the module parameter. Gathering the parameter
+    to edit it on one rank (``GatheredParameters(modifier_rank=0)``) would leave the master
+    unclamped, and its re-broadcast cannot handle a 0-dim parameter. Reading the values for
+    the logs gathers them (a collective under ZeRO-3).
+    """
+    module: ContrastiveModel = engine.module
+    scale, bias = module.head.logit_scale, module.head.logit_bias
+    high = module.cfg.head.max_logit_scale
+    with torch.no_grad():
+        _clamp_master(scale, 0.0, high)
+        if _is_zero3(scale):
+            scale.ds_tensor.data.clamp_(0.0, high)
+        scale.data.clamp_(0.0, high)  # the full tensor where this rank holds one (else empty)
+    if bias is None:  # CLIP: InfoNCE has no bias
+        with _gathered([scale]):
+            return float(scale.detach().float()), 0.0
+    with _gathered([scale, bias]):
+        return float(scale.detach().float()), float(bias.detach().float())
+
+
+def step_optimizer(engine: Engine, loss: Tensor) -> float:
+    """Backward, optimizer step (clipping, schedule); return the global gradient norm."""
+    engine.backward(loss)
+    norm = None
+    if engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        # Plain data parallel in fp32: DeepSpeed does not compute the norm; gradients are
+        # already averaged over ranks here, so the local norm is the global one.
+        grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+        norm = float(torch.stack(grads).norm()) if grads else 0.0
+    engine.step()
+    if norm is None:
+        norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+def full_gradients(engine: Engine) -> dict[str, Tensor]:
+    """Every parameter's full (averaged over ranks) gradient, after backward and before step.
+    A collective under ZeRO: all ranks must call it."""
+    out = {}
+    for name, p in engine.module.named_parameters():
+        g = safe_get_full_grad(p)
+        if g is not None:
+            out[name] = g.detach().float().cpu().clone()
+    return out
+
+
+def full_state_dict(engine: Engine) -> dict[str, Tensor]:
+    """Every parameter gathered (a collective under ZeRO-3; all ranks must call it)."""
+    out = {}
+    for name, p in engine.module.named_parameters():
+        with _gathered([p]):
+            out[name] = p.detach().float().cpu().clone()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint files
+# ---------------------------------------------------------------------------------------------
+
+def save_engine(engine: Engine, root: Path, tag: str) -> None:
+    """Model, optimizer and scheduler of every rank into ``root/tag`` (a collective)."""
+    engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
+
+
+def load_engine(engine: Engine, root: Path, tag: str) -> None:
+    """Load ``root/tag`` into the engine; raises when DeepSpeed reports a failed load."""
+    path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load {root / tag}")
+
+
+def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, Tensor]:
+    """Full fp32 weights from a checkpoint folder of any ZeRO stage (offline, one process)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if list(checkpoint_dir.glob("*optim_states.pt")):  # ZeRO-1/2/3: rebuild from the partitions
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
+    else:
+        files = sorted(checkpoint_dir.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"{checkpoint_dir} holds no DeepSpeed model states; pass a checkpoint "
+                                    "folder such as RUN/checkpoints/step_0000001000")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float().contiguous() for k, v in state.items()}

@@ -1,0 +1,155 @@
+"""Shared pieces of the trainer tests: a very small config, launching runs, comparing checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # reading DeepSpeed checkpoints imports deepspeed
+PYTHON = sys.executable
+
+# The tiny model, smaller still: a run of a few steps takes seconds on two CPU cores.
+SMALL = {
+    "base": str(REPO / "configs" / "models" / "tiny.yaml"),
+    "seed": 3,
+    "steps": 8,
+    "batch_size": 8,
+    "data": {"source": "synthetic"},
+    "model": {
+        "vision": {"image_size": 16, "patch_size": 8, "width": 32, "depth": 1, "heads": 2, "mlp_dim": 64,
+                   "num_tokens": 4},
+        "text": {"vocab_size": 128, "context_length": 16, "width": 32, "depth": 1, "heads": 2, "mlp_dim": 64},
+        "head": {"embed_dim": 32, "num_heads": 2},
+    },
+    "optim": {"lr": 2e-3, "warmup_steps": 2},
+    "checkpoint": {"every": 4, "keep_last": 2},
+    "logging": {"every": 1, "tensorboard": True, "progress": "lines"},
+    "eval": {"heldout_samples": 16},
+}
+
+
+def write_config(path: Path, **sections: Any) -> Path:
+    data = json.loads(json.dumps(SMALL))
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_env() -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
+    return env
+
+
+def train_command(config: Path, overrides: list[str], nproc: int = 2, module: str = "llip_scale.train") -> list[str]:
+    if nproc == 1:
+        return [PYTHON, "-m", module, str(config), *overrides]
+    return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+            "-m", module, str(config), *overrides]
+
+
+def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def tail(text: str, n: int = 40) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+# ---------------------------------------------------------------------------------------------
+# comparing checkpoints bit for bit
+# ---------------------------------------------------------------------------------------------
+
+def differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """Every leaf where ``a`` and ``b`` differ (tensors and arrays compared bit for bit)."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        same = torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape \
+            and torch.equal(a.view(-1).view(torch.uint8) if a.numel() else a, b.view(-1).view(torch.uint8) if b.numel() else b)
+        return [] if same else [where]
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return [] if np.array_equal(a, b) else [where]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{where}: keys {sorted(set(a) ^ set(b), key=str)}"]
+        return [d for k in a for d in differences(a[k], b[k], f"{where}.{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{where}: length {len(a)} != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{where}[{i}]")]
+    if type(a) is type(b) and hasattr(a, "__dict__") and not isinstance(a, type):
+        return differences(vars(a), vars(b), where)  # e.g. DeepSpeed's loss scaler
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"]
+
+
+def zero3_padding(param_shapes: list[dict], world: int, rank: int) -> list[torch.Tensor]:
+    """Per parameter group, a mask of the padding in ``rank``'s flat fp32 partition under ZeRO-3
+    (each parameter is split into ``ceil(numel / world)`` pieces; the last ranks' are padded)."""
+    masks = []
+    for shapes in param_shapes:
+        parts = []
+        for shape in shapes.values():
+            n = int(np.prod(shape)) if len(shape) else 1
+            piece = -(-n // world)
+            valid = max(0, min(piece, n - rank * piece))
+            parts.append(torch.arange(piece) >= valid)
+        masks.append(torch.cat(parts))
+    return masks
+
+
+def _drop_zero3_padding(state: dict, masks: list[torch.Tensor]) -> dict:
+    """The padding of ZeRO-3 partitions is uninitialised memory, never read: leave it out."""
+    groups = state["optimizer_state_dict"]["fp32_flat_groups"]
+    state["optimizer_state_dict"]["fp32_flat_groups"] = [g.detach()[~m] for g, m in zip(groups, masks)]
+    return state
+
+
+def checkpoint_differences(a: Path, b: Path) -> list[str]:
+    """Compare two checkpoint folders: every saved state bit for bit, configs up to run_dir."""
+    names_a = {p.name for p in a.iterdir()}
+    names_b = {p.name for p in b.iterdir()}
+    if names_a != names_b:
+        return [f"files differ: {sorted(names_a ^ names_b)}"]
+    out = []
+    world = json.loads((a / "complete.json").read_text())["world_size"]
+    for name in sorted(names_a):
+        if name.endswith("optim_states.pt") and name.startswith("zero_pp_rank_"):
+            rank = int(name.split("_")[3])
+            shapes = torch.load(a / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", weights_only=False)["param_shapes"]
+            masks = zero3_padding(shapes, world, rank)
+            sa, sb = (_drop_zero3_padding(torch.load(d / name, weights_only=False), masks) for d in (a, b))
+            out += differences(sa, sb, name)
+        elif name.endswith(".pt"):
+            out += differences(torch.load(a / name, weights_only=False), torch.load(b / name, weights_only=False), name)
+        elif name == "config.yaml":
+            ca, cb = yaml.safe_load((a / name).read_text()), yaml.safe_load((b / name).read_text())
+            ca.pop("run_dir"), cb.pop("run_dir")
+            out += differences(ca, cb, name)
+    return out
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def newest_complete(run_dir: Path) -> Optional[int]:
+    steps = [int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*") if (p / "complete.json").is_file()]
+    return max(steps) if steps else None

@@ -1,0 +1,67 @@
+"""The trainer on real shards: the webdataset loader, its resumable state, and the evaluations
+on an eval folder (zero-shot, retrieval, held-out pairs), through ``llip-train`` in one process.
+
+Data: a small demo set from ``tools/make_demo_data.py`` (128 training scenes, its tokenizer and
+eval folder). The run stops after 4 steps, then the same command with ``steps=6`` continues it
+from its step-4 checkpoint, loader state included.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from _train_helpers import REPO, metrics, run, run_env, tail, train_command, write_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_data")
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_data.py"), str(out), "--train", "128",
+                    "--per-shard", "64", "--eval-zeroshot", "64", "--eval-retrieval", "24"],
+                   cwd=REPO, env=run_env(), check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(demo_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("wds")
+    config = write_config(
+        tmp / "config.yaml",
+        data={"source": "webdataset", "shards": str(demo_data / "train"),
+              "tokenizer": str(demo_data / "tokenizer.model"), "workers": 1, "shuffle_buffer": 16},
+        model={"vision": {"image_size": 32, "patch_size": 8, "width": 32, "depth": 1, "heads": 2, "mlp_dim": 64,
+                          "num_tokens": 4},
+               "text": {"vocab_size": 1024, "context_length": 32, "width": 32, "depth": 1, "heads": 2,
+                        "mlp_dim": 64},
+               "head": {"embed_dim": 32, "num_heads": 2}},
+        eval={"zeroshot_dir": str(demo_data / "eval"), "retrieval_dir": str(demo_data / "eval"),
+              "heldout_samples": 16, "batch_size": 16},
+        checkpoint={"every": 2, "keep_last": 2})
+    run_dir = tmp / "run"
+    first = run(train_command(config, [f"run_dir={run_dir}", "steps=4"], nproc=1))
+    second = run(train_command(config, [f"run_dir={run_dir}", "steps=6"], nproc=1))
+    return {"first": first, "second": second, "run": run_dir}
+
+
+def test_trains_on_shards_and_evaluates_on_the_folder(runs):
+    assert runs["first"].returncode == 0, tail(runs["first"].stdout + runs["first"].stderr)
+    summary = json.loads((runs["run"] / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["steps"] == 6
+    assert summary["eval/pairs"] == 16  # held-out pairs: the first caption of 16 retrieval images
+    for key in ("eval/loss", "eval/image_to_text_r1", "zeroshot/top1", "retrieval/image_to_text_R@1"):
+        assert 0 <= summary[key] < 100, key
+
+
+def test_rerun_with_more_steps_continues_from_the_loader_state(runs):
+    second = runs["second"]
+    assert second.returncode == 0, tail(second.stdout + second.stderr)
+    assert "step_0000000004 (step 4)" in second.stderr
+    steps = [m["step"] for m in metrics(runs["run"]) if "train/loss" in m]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in (runs["run"] / "checkpoints").glob("step_*")) == [
+        "step_0000000004", "step_0000000006"]
