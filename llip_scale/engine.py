@@ -89,31 +89,6 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
 # model, optimizer, schedule
 # ---------------------------------------------------------------------------------------------
 
-def _partitioned(make: Callable[[], ContrastiveModel], env: DistEnv, ds_config: dict,
-                 dtype: torch.dtype) -> ContrastiveModel:
-    """ZeRO-3: the model with each rank holding only its shard of every parameter.
-
-    Rank 0 builds the whole model: the constructors initialise child modules' weights from
-    their parents (the transformer init, the embeddings), which ``zero.Init`` as a context
-    would skip, having already partitioned each child when its own constructor returned. The
-    other ranks allocate uninitialised storage; ``zero.Init(module=...)`` then takes one
-    parameter at a time, broadcasts it from rank 0 and keeps this rank's shard.
-    """
-    if env.rank == 0:
-        model = make()
-    else:
-        with torch.device("meta"):
-            model = make()
-        model = model.to_empty(device="cpu")
-    model = model.to(dtype)
-    deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
-    for buffer in model.buffers():  # not parameters, so not broadcast by zero.Init
-        payload = buffer.detach().to(env.device)
-        torch.distributed.broadcast(payload, 0)
-        buffer.data.copy_(payload)
-    return model
-
-
 def build_model(cfg: Config, env: DistEnv, ds_config: dict) -> ContrastiveModel:
     """The model of ``cfg.model`` with the configured pair backend and activation checkpointing,
     partitioned across ranks under ZeRO-3."""
@@ -125,7 +100,10 @@ def build_model(cfg: Config, env: DistEnv, ds_config: dict) -> ContrastiveModel:
         return build_plain_model(cfg.model, backend, cfg.loss.chunk_size)
 
     if cfg.distributed.zero_stage == 3:
-        model = _partitioned(make, env, ds_config, compute_dtype(cfg))
+        # Built under zero.Init: no rank ever holds the whole model (G/14 would not fit).
+        from llip_scale.zero_init import build_model_zero3
+
+        model = build_model_zero3(cfg.model, compute_dtype(cfg), ds_config, backend, cfg.loss.chunk_size)
     else:
         model = make()
     for tower in (model.visual, model.text):
