@@ -1,8 +1,20 @@
 """FLOP accounting per training sample (one image and one caption), for MFU and planning.
 
-Counts multiply-adds of the matmuls (x2 for FLOPs); elementwise work is ignored. Training is
-forward + backward (2x forward); activation checkpointing adds one more encoder forward; the
-pair head's backends recompute their forward in backward, which is counted as well.
+Counts the multiply-adds (MACs) of every matmul, x2 for FLOPs; elementwise work (norms,
+softmax, activations) is ignored, as is usual for MFU. Data flow of one sample:
+
+    image -> patch embedding -> vision blocks (grid^2 + K tokens) -> K tokens -> k/v projections
+    text  -> text blocks (context_length tokens, full attention counted) -> q / target projections
+    pairs -> the image against all ``global_batch`` texts of the step (each rank mixes its
+             local images with every gathered text, so one sample costs ``global_batch`` pairs)
+
+Training is forward + backward (backward = 2x forward). Activation checkpointing recomputes
+each transformer block in backward; PyTorch's non-reentrant checkpoint stops recomputing once
+the tensors backward needs are back, so a block's last matmul (the MLP output projection) is
+not redone. The pair backends (chunked, triton) recompute their forward in backward, which adds
+one more forward of the pair work. "Useful" FLOPs for MFU use the pair
+definition ``plain`` (K*E logits + K*E mixing + E^2 output projection per pair) whatever the
+backend computes; ``gram`` and ``fold`` are the cheaper exact reformulations the backends use.
 """
 from __future__ import annotations
 
@@ -10,13 +22,24 @@ from dataclasses import dataclass
 
 from llip_scale.model.config import ModelConfig
 
+PAIR_MODES = ("plain", "gram", "fold")
 
-def transformer_macs(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
-    """Forward MACs of ``depth`` pre-LN blocks over ``tokens`` tokens."""
+
+def transformer_macs(tokens: int, width: int, depth: int, mlp_dim: int, recompute: bool = False) -> float:
+    """Forward MACs of ``depth`` pre-LN blocks over ``tokens`` tokens (full attention matrix).
+
+    ``recompute``: the MACs a checkpointed block redoes in backward (all but the MLP output
+    projection, whose result backward does not need).
+    """
     proj = 4 * tokens * width * width  # q, k, v, out
     attn = 2 * tokens * tokens * width  # scores and mixing
-    mlp = 2 * tokens * width * mlp_dim
+    mlp = (1 if recompute else 2) * tokens * width * mlp_dim
     return float(depth * (proj + attn + mlp))
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in PAIR_MODES:
+        raise ValueError(f"unknown pair mode '{mode}'; choose one of {', '.join(PAIR_MODES)}")
 
 
 def pair_macs(num_tokens: int, embed_dim: int, num_heads: int, mode: str = "plain") -> float:
@@ -25,6 +48,7 @@ def pair_macs(num_tokens: int, embed_dim: int, num_heads: int, mode: str = "plai
     plain: logits K*E + mixing K*E + W_o E^2 (the definition used for "useful" pair FLOPs);
     gram: logits K*E + numerator K*E + norm (H*K)^2; fold: logits K*E + mixing H*K*E.
     """
+    _check_mode(mode)
     k, e, h = num_tokens, embed_dim, num_heads
     if mode == "gram":
         return float(2 * k * e + (h * k) ** 2)
@@ -33,35 +57,153 @@ def pair_macs(num_tokens: int, embed_dim: int, num_heads: int, mode: str = "plai
     return float(2 * k * e + e * e)
 
 
+def pair_setup_macs(num_tokens: int, embed_dim: int, num_heads: int, mode: str = "plain") -> float:
+    """Per-sample forward MACs a mode spends once, outside the pair loop.
+
+    gram: fold W_o into the values (K*E^2), the per-image Gram matrix ((H*K)^2*E) and
+    U = t @ W_o^T per text (E^2); fold: the folded values (K*E^2); plain: nothing.
+    """
+    _check_mode(mode)
+    k, e, h = num_tokens, embed_dim, num_heads
+    if mode == "gram":
+        return float(k * e * e + (h * k) ** 2 * e + e * e)
+    if mode == "fold":
+        return float(k * e * e)
+    return 0.0
+
+
 @dataclass
 class SampleFlops:
+    """Forward FLOPs of one sample, by part."""
     vision: float
     text: float
-    head: float
+    head: float  # the projections: k/v per mixture token, q and the text projection
     pairs: float  # per image, against the whole global batch of texts
+
+    @property
+    def encoders(self) -> float:
+        return self.vision + self.text + self.head
 
     @property
     def total(self) -> float:
         return self.vision + self.text + self.head + self.pairs
 
 
+def vision_macs(cfg: ModelConfig) -> float:
+    v = cfg.vision
+    patch_embed = v.grid ** 2 * 3 * v.patch_size ** 2 * v.width
+    return transformer_macs(v.grid ** 2 + v.num_tokens, v.width, v.depth, v.mlp_dim) + patch_embed
+
+
+def text_macs(cfg: ModelConfig) -> float:
+    t = cfg.text
+    return transformer_macs(t.context_length, t.width, t.depth, t.mlp_dim)
+
+
 def forward_flops(cfg: ModelConfig, global_batch: int, pair_mode: str = "plain") -> SampleFlops:
+    """Forward FLOPs of one sample in a step whose global batch is ``global_batch``."""
     v, t, hd = cfg.vision, cfg.text, cfg.head
-    n_img = v.grid ** 2 + v.num_tokens
-    vision = transformer_macs(n_img, v.width, v.depth, v.mlp_dim) + v.grid ** 2 * 3 * v.patch_size ** 2 * v.width
-    text = transformer_macs(t.context_length, t.width, t.depth, t.mlp_dim)
     if hd.kind == "llip":
         head = 2 * v.num_tokens * v.width * hd.embed_dim + 2 * t.width * hd.embed_dim
-        pairs = global_batch * pair_macs(v.num_tokens, hd.embed_dim, hd.num_heads, pair_mode)
+        pairs = global_batch * pair_macs(v.num_tokens, hd.embed_dim, hd.num_heads, pair_mode) + \
+            pair_setup_macs(v.num_tokens, hd.embed_dim, hd.num_heads, pair_mode)
     else:
         head = v.width * hd.embed_dim + t.width * hd.embed_dim
-        pairs = global_batch * hd.embed_dim
-    return SampleFlops(2 * vision, 2 * text, 2 * float(head), 2 * float(pairs))
+        # CLIP scores local images x all texts and local texts x all images: two dot products.
+        pairs = global_batch * hd.embed_dim * (2 if hd.kind == "clip" else 1)
+    return SampleFlops(2 * vision_macs(cfg), 2 * text_macs(cfg), 2 * float(head), 2 * float(pairs))
 
 
 def train_flops_per_sample(cfg: ModelConfig, global_batch: int, activation_checkpointing: bool = False,
                            pair_mode: str = "plain", pair_recompute: bool = True) -> float:
-    """FLOPs one sample costs in a training step (forward, backward, recomputation)."""
+    """FLOPs one sample costs in a training step (forward, backward, recomputation).
+
+    Encoders: 3x forward, plus the recomputed blocks with activation checkpointing. Llip pairs: 3x forward, 4x when
+    the backend recomputes its forward in backward (``chunked`` and ``triton`` do). Pass
+    ``activation_checkpointing=False, pair_recompute=False`` for the model FLOPs of MFU, the
+    defaults of the run for the hardware FLOPs actually executed.
+    """
     f = forward_flops(cfg, global_batch, pair_mode)
-    enc = (f.vision + f.text + f.head) * (4 if activation_checkpointing else 3)
-    return enc + f.pairs * (4 if pair_recompute else 3)
+    enc = 3 * f.encoders + (2 * recompute_macs(cfg) if activation_checkpointing else 0.0)
+    recompute = pair_recompute and cfg.head.kind == "llip"
+    return enc + f.pairs * (4 if recompute else 3)
+
+
+def recompute_macs(cfg: ModelConfig) -> float:
+    """MACs activation checkpointing redoes per sample: the blocks of both towers."""
+    v, t = cfg.vision, cfg.text
+    return transformer_macs(v.grid ** 2 + v.num_tokens, v.width, v.depth, v.mlp_dim, recompute=True) + \
+        transformer_macs(t.context_length, t.width, t.depth, t.mlp_dim, recompute=True)
+
+
+def model_flops_utilization(samples_per_second: float, flops_per_sample: float, num_devices: int,
+                            peak_flops_per_device: float) -> float:
+    """Achieved FLOP/s over the peak of all devices (a fraction in [0, 1] when sane)."""
+    if num_devices < 1 or peak_flops_per_device <= 0:
+        raise ValueError("num_devices must be >= 1 and peak_flops_per_device > 0")
+    return samples_per_second * flops_per_sample / (num_devices * peak_flops_per_device)
+
+
+def training_days(total_samples: float, flops_per_sample: float, num_devices: int,
+                  peak_flops_per_device: float, mfu: float) -> float:
+    """Wall-clock days to see ``total_samples`` at a given MFU."""
+    seconds = total_samples * flops_per_sample / (num_devices * peak_flops_per_device * mfu)
+    return seconds / 86400.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-size table: `python -m llip_scale.flops [CONFIG ...]`
+# ---------------------------------------------------------------------------------------------
+
+# The released runs (facebookresearch/Llip, llip/run_configs/llip.py): GPUs (nodes x 8) and the
+# per-GPU batch; every run sees 32 epochs x 400M = 12.8B samples at a global batch of 32,768.
+REFERENCE_RUNS = {"b32": (128, 256), "b16": (128, 256), "l14": (128, 256), "h14": (256, 128), "g14": (256, 128)}
+REFERENCE_SAMPLES = 12.8e9
+A100_BF16_FLOPS = 312e12  # dense bf16 peak of one A100
+
+
+def size_row(path: str, mfu: float = 0.4) -> dict:
+    """FLOPs of one experiment config, with the released run's GPUs for the time estimate."""
+    from llip_scale.config import load_config
+    from llip_scale.planning import param_stats
+
+    cfg = load_config(path)
+    b = cfg.batch_size
+    f = forward_flops(cfg.model, b)
+    model_flops = train_flops_per_sample(cfg.model, b, activation_checkpointing=False, pair_recompute=False)
+    hardware = train_flops_per_sample(cfg.model, b, cfg.distributed.activation_checkpointing,
+                                      pair_mode="plain", pair_recompute=True)
+    gpus, per_gpu = REFERENCE_RUNS.get(cfg.model.name, (0, 0))
+    days = training_days(REFERENCE_SAMPLES, model_flops, gpus, A100_BF16_FLOPS, mfu) if gpus else float("nan")
+    return {"config": path, "name": cfg.model.name, "params": param_stats(cfg.model).total, "forward": f,
+            "model_flops": model_flops, "hardware_flops": hardware, "batch": b, "gpus": gpus,
+            "per_gpu": per_gpu, "days": days, "checkpointing": cfg.distributed.activation_checkpointing}
+
+
+def format_table(rows: list[dict], mfu: float = 0.4) -> str:
+    head = ("| config | params | fwd GFLOPs/sample: vision / text / pairs | train GFLOPs/sample: model (MFU) / "
+            "executed | 12.8B samples | released run: GPUs x batch | days at {:.0%} MFU (A100) |")
+    lines = [head.format(mfu), "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        f = r["forward"]
+        lines.append(
+            f"| {r['config']} | {r['params'] / 1e6:,.0f}M | {f.vision / 1e9:,.1f} / {f.text / 1e9:,.1f} / "
+            f"{f.pairs / 1e9:,.1f} | {r['model_flops'] / 1e9:,.0f} / {r['hardware_flops'] / 1e9:,.0f}"
+            f"{' (ckpt)' if r['checkpointing'] else ''} | {r['model_flops'] * REFERENCE_SAMPLES / 1e21:,.1f} ZFLOPs | "
+            f"{r['gpus']} x {r['per_gpu']} | {r['days']:,.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    from llip_scale.config import CONFIG_ROOT
+
+    paths = (argv if argv is not None else sys.argv[1:]) or \
+        [str(CONFIG_ROOT / "experiments" / f"{kind}_{s}.yaml") for kind in ("llip", "siglip") for s in REFERENCE_RUNS]
+    print(format_table([size_row(p) for p in paths]).replace(str(CONFIG_ROOT) + "/", ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

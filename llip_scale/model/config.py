@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 HeadKind = Literal["llip", "siglip", "clip", "registers", "meanpool"]
+# MLP activation; "quick_gelu" (x * sigmoid(1.702 x)) is what the official Llip/OpenAI CLIP
+# checkpoints were trained with, so imported weights need it to reproduce their features.
+Activation = Literal["gelu", "quick_gelu"]
 
 
 def _check(ok: bool, message: str) -> None:
@@ -23,6 +26,7 @@ class VisionConfig:
     heads: int = 12
     mlp_dim: int = 3072
     num_tokens: int = 32  # K learnable mixture tokens in place of CLS (K=1: a CLS ViT)
+    activation: Activation = "gelu"
 
     def validate(self, name: str) -> None:
         _check(self.num_tokens >= 1, f"{name}.num_tokens (K) must be >= 1, got {self.num_tokens}")
@@ -48,6 +52,7 @@ class TextConfig:
     mlp_dim: int = 2048
     eot_id: int = 2  # the text is pooled at its first EOT token
     pad_id: int = 0
+    activation: Activation = "gelu"
 
     def validate(self, name: str) -> None:
         _check(self.width % self.heads == 0,

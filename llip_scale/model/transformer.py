@@ -23,15 +23,26 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation of OpenAI CLIP and the official Llip checkpoints."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def activation_module(name: str) -> nn.Module:
+    return QuickGELU() if name == "quick_gelu" else nn.GELU()
+
+
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_dim: int):
+    def __init__(self, width: int, heads: int, mlp_dim: int, activation: str = "gelu"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential()
         self.mlp.add_module("c_fc", nn.Linear(width, mlp_dim))
-        self.mlp.add_module("gelu", nn.GELU())
+        self.mlp.add_module("gelu", activation_module(activation))
         self.mlp.add_module("c_proj", nn.Linear(mlp_dim, width))
 
     def forward(self, x: Tensor, causal: bool = False) -> Tensor:
@@ -40,9 +51,9 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, depth: int, heads: int, mlp_dim: int):
+    def __init__(self, width: int, depth: int, heads: int, mlp_dim: int, activation: str = "gelu"):
         super().__init__()
-        self.resblocks = nn.ModuleList([Block(width, heads, mlp_dim) for _ in range(depth)])
+        self.resblocks = nn.ModuleList([Block(width, heads, mlp_dim, activation) for _ in range(depth)])
         self.grad_checkpointing = False  # recompute each block in backward (set by the trainer)
 
     def forward(self, x: Tensor, causal: bool = False) -> Tensor:

@@ -23,7 +23,7 @@ class VisionTransformer(nn.Module):
         self.mixture_tokens = nn.Parameter(scale * torch.randn(cfg.num_tokens, w))
         self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.grid ** 2 + cfg.num_tokens, w))
         self.ln_pre = nn.LayerNorm(w)
-        self.transformer = Transformer(w, cfg.depth, cfg.heads, cfg.mlp_dim)
+        self.transformer = Transformer(w, cfg.depth, cfg.heads, cfg.mlp_dim, cfg.activation)
         self.ln_post = nn.LayerNorm(w)
         init_transformer(self.transformer, w, cfg.depth)
 

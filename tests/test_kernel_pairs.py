@@ -1,0 +1,184 @@
+"""The fused Triton pair kernels against the reference backend: loss, scores and every gradient.
+
+On the CPU these run in the Triton interpreter (fp32 and fp16; it has no bf16 dots), so sizes
+are tiny; with a GPU the same tests run the compiled kernels. The reference runs in float64.
+Inputs are fresh random draws each run; a failure names its seed (rerun with LLIP_TEST_SEED=...).
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llip_scale.model import build_model, model_config
+from llip_scale.pairs import available_backends, pair_loss, pair_scores
+
+kp = pytest.importorskip("llip_scale.kernels.pairs", reason="needs triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ["keys", "values", "w_o", "queries", "targets", "logit_scale", "logit_bias"]
+TOL = {torch.float32: dict(rtol=1e-4, atol=2e-5), torch.float16: dict(rtol=2e-2, atol=6e-3)}
+SEED = int(os.environ.get("LLIP_TEST_SEED", random.randrange(2**31)))
+
+
+def make_inputs(bi, bt, k, e, seed):
+    g = torch.Generator().manual_seed(SEED + seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    return [rnd(bi, k, e), rnd(bi, k, e), rnd(e, e) / e ** 0.5, rnd(bt, e), rnd(bt, e),
+            torch.tensor(1.7, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64)]
+
+
+def cast(inputs, dtype):
+    """The five feature tensors in ``dtype`` on DEVICE, logit scale and bias in fp32 (as in the model)."""
+    out = [x.to(DEVICE, dtype) for x in inputs[:5]] + [x.to(DEVICE, torch.float32) for x in inputs[5:]]
+    return [x.requires_grad_() for x in out]
+
+
+def loss_and_grads(inputs, **kw):
+    inputs = [x.detach().requires_grad_() for x in inputs]
+    loss = pair_loss(*inputs, **kw)
+    return loss, torch.autograd.grad(loss, inputs)
+
+
+def check_against_reference(shape, dtype, seed, tau=2.5):
+    bi, bt, k, e, h, off = shape
+    ref_in = make_inputs(bi, bt, k, e, seed)
+    ref, ref_g = loss_and_grads(ref_in, num_heads=h, tau=tau, offset=off, backend="reference")
+    got, got_g = loss_and_grads(cast(ref_in, dtype), num_heads=h, tau=tau, offset=off, backend="triton")
+    assert got.dtype == torch.float32
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.double().cpu(), ref, **tol, msg=lambda m: f"loss (LLIP_TEST_SEED={SEED}): {m}")
+    for name, a, b in zip(NAMES, got_g, ref_g):
+        assert a.dtype == (dtype if name not in ("logit_scale", "logit_bias") else torch.float32), name
+        # Gradients are compared on the scale of their largest entry.
+        scale = b.abs().max().clamp_min(1e-3)
+        torch.testing.assert_close(a.double().cpu() / scale, b / scale, **tol,
+                                   msg=lambda m: f"grad {name} (LLIP_TEST_SEED={SEED}): {m}")
+
+
+@pytest.fixture
+def small_token_blocks(monkeypatch):
+    """Token blocks of 16, so that K = 20 spans two blocks per head (the K > KC path)."""
+    monkeypatch.setattr(kp, "MAX_KC_FP32", 16)
+    monkeypatch.setattr(kp, "MAX_KC_HALF", 16)
+
+
+SHAPES = {  # (Bi, Bt, K, E, H, offset)
+    "ragged-offset": (3, 19, 5, 32, 2, 4),  # Bt not a multiple of the text block, offset > 0
+    "k1-h1": (2, 16, 1, 16, 1, 0),
+    "two-token-blocks-d20": (3, 21, 20, 40, 2, 7),  # K > KC; d = 20 is not a power of two
+    "h3-last-offset": (2, 17, 3, 48, 3, 15),  # d = 16 in three heads; positives at the last columns
+}
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_loss_and_gradients_match_reference_fp32(name, small_token_blocks):
+    check_against_reference(SHAPES[name], torch.float32, seed=len(name))
+
+
+@pytest.mark.parametrize("name", ["ragged-offset", "two-token-blocks-d20"])
+def test_loss_and_gradients_match_reference_fp16(name, small_token_blocks):
+    check_against_reference(SHAPES[name], torch.float16, seed=100 + len(name))
+
+
+def test_a_positive_in_every_position_of_a_tile():
+    # 16 images with offset 5 put positives at columns 5..20: every row of a 16-text tile holds
+    # one, in both tiles they touch; a label bug at any position changes the loss and gradients.
+    check_against_reference((16, 37, 2, 16, 1, 5), torch.float32, seed=7, tau=1.0)
+
+
+def test_chunked_launches_match_one_launch(monkeypatch):
+    # Several image chunks (G, dG per chunk) and text chunks (fp32 accumulators per chunk).
+    monkeypatch.setattr(kp, "IMAGE_CHUNK", 2)
+    monkeypatch.setattr(kp, "TEXT_CHUNK", 16)
+    check_against_reference((5, 40, 3, 32, 2, 9), torch.float32, seed=11)
+
+
+def test_scores_match_reference_and_loss_without_grad():
+    bi, bt, k, e, h = 3, 18, 4, 32, 2
+    ref_in = make_inputs(bi, bt, k, e, seed=3)
+    x = [t.detach() for t in cast(ref_in, torch.float32)]
+    ref = pair_scores(*ref_in, num_heads=h, tau=5.0, backend="reference")
+    with torch.no_grad():
+        got = pair_scores(*x, num_heads=h, tau=5.0, backend="triton")
+        loss = pair_loss(*x, num_heads=h, tau=5.0, offset=6, backend="triton")
+    assert got.shape == (bi, bt) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+    expected = pair_loss(*ref_in, num_heads=h, tau=5.0, offset=6, backend="reference")
+    torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_scores_with_gradients_come_from_the_differentiable_path():
+    ref_in = make_inputs(2, 5, 3, 16, seed=5)
+    x = cast(ref_in, torch.float32)
+    got = pair_scores(*x, num_heads=2, tau=5.0, backend="triton")
+    got.sum().backward()
+    assert x[0].grad is not None and torch.isfinite(x[0].grad).all()
+    ref = pair_scores(*ref_in, num_heads=2, tau=5.0, backend="reference")
+    torch.testing.assert_close(got.detach().double().cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_model_training_step_matches_chunked():
+    """The real entry point: ContrastiveModel with backend=triton, loss and every parameter gradient."""
+    torch.manual_seed(0)
+    cfg = model_config("tiny")
+    models = {b: build_model(cfg, backend=b).to(DEVICE) for b in ("triton", "chunked")}
+    models["chunked"].load_state_dict(models["triton"].state_dict())
+    images = torch.randn(4, 3, cfg.vision.image_size, cfg.vision.image_size, device=DEVICE)
+    tokens = torch.randint(3, cfg.text.vocab_size, (4, cfg.text.context_length), device=DEVICE)
+    tokens[:, 9] = cfg.text.eot_id
+    losses = {b: m(images, tokens) for b, m in models.items()}
+    for loss in losses.values():
+        loss.backward()
+    torch.testing.assert_close(losses["triton"], losses["chunked"], rtol=1e-5, atol=1e-5)
+    grads = {b: dict((n, p.grad) for n, p in m.named_parameters() if p.grad is not None) for b, m in models.items()}
+    assert grads["triton"].keys() == grads["chunked"].keys()
+    for name, g in grads["chunked"].items():
+        scale = g.abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(grads["triton"][name] / scale, g / scale, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_backend_is_registered():
+    assert "triton" in available_backends()
+
+
+def test_bad_inputs_give_one_clear_line(monkeypatch):
+    x = [t.detach() for t in cast(make_inputs(2, 4, 2, 16, seed=1), torch.float32)]
+    mixed = [x[0], x[1].half(), *x[2:]]
+    with pytest.raises(TypeError, match=r"one dtype; got torch.float32 and torch.float16"):
+        pair_loss(*mixed, num_heads=2, tau=5.0, backend="triton")
+    doubles = [t.double() for t in x]
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        pair_loss(*doubles, num_heads=2, tau=5.0, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cpu = [t.cpu() for t in x]
+    with pytest.raises(RuntimeError, match="needs CUDA tensors.*loss.backend=chunked"):
+        pair_loss(*cpu, num_heads=2, tau=5.0, backend="triton")
+
+
+def test_head_dims_that_are_not_powers_of_two_step_without_padding():
+    for e, h, step in ((1280, 8, 32), (768, 8, 32), (1024, 8, 64), (512, 8, 64), (128, 4, 32)):
+        plan = kp.make_plan(64, e, h, torch.bfloat16)
+        assert plan.bd == step and plan.even_d, (e, h)
+    plan = kp.make_plan(1, 24, 2, torch.float32)  # d = 12: one masked step of 16
+    assert plan.bd == 16 and not plan.even_d and plan.kc == 16 and plan.nc == 1
+    plan = kp.make_plan(256, 1280, 8, torch.bfloat16)  # K = 256: two blocks of 128 per head
+    assert (plan.kc, plan.nc, plan.nbk) == (128, 2, 2048)
+
+
+@pytest.mark.parametrize("model,global_batch", [("g14", 32768), ("h14", 32768), ("b16", 32768), ("l14", 32768)])
+def test_extra_memory_stays_within_twice_the_inputs(model, global_batch):
+    """The chunk plan at the reference recipe's shapes (256 local images): nothing grows with
+    Bi x Bt x K or Bi x Bt x E, and the backward's extra memory is at most 2x its inputs."""
+    head = model_config(model).head
+    k = model_config(model).vision.num_tokens
+    bi, bt, e = 256, global_batch, head.embed_dim
+    inputs = (2 * bi * k * e + 2 * bt * e + e * e) * 2
+    extra = kp.workspace_bytes(bi, bt, k, e, head.num_heads, torch.bfloat16)
+    assert extra <= 2 * inputs, f"{extra / 2**20:.0f} MiB extra for {inputs / 2**20:.0f} MiB of inputs"
+    naive = bi * bt * head.num_heads * k * 2  # the attention weights alone, materialised
+    assert extra < naive / 10
