@@ -3,9 +3,9 @@
 The one module that imports deepspeed. Flow:
 
     Config ──> deepspeed_config() (ZeRO stage, precision, clipping; ``distributed.deepspeed``
-               deep-merged last) ──> build_model() (under stage 3 partitioned by ``zero.Init``,
-               so each rank keeps only its shard) ──> initialize(): AdamW over param_groups()
-               + warmup/cosine LambdaLR ──> DeepSpeedEngine
+               deep-merged last) ──> build_model() (under stage 3 built inside ``zero.Init``,
+               so each rank only ever holds its shard) ──> initialize(): AdamW over
+               param_groups() + warmup/cosine LambdaLR ──> DeepSpeedEngine
 
 After every optimizer step :func:`clamp_logit_scale` clamps the logit scale in the optimizer's
 fp32 master copy (where ZeRO or mixed precision keeps one) and in the module parameter (under
@@ -23,7 +23,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Optional
+from typing import Any, ContextManager, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -95,17 +95,13 @@ def build_model(cfg: Config, env: DistEnv, ds_config: dict) -> ContrastiveModel:
     from llip_scale.pairs import resolve_backend
 
     backend = resolve_backend(cfg.loss.backend, env.device)
-
-    def make() -> ContrastiveModel:
-        return build_plain_model(cfg.model, backend, cfg.loss.chunk_size)
-
     if cfg.distributed.zero_stage == 3:
-        # Built under zero.Init: no rank ever holds the whole model (G/14 would not fit).
+        # Built under zero.Init: no rank ever holds the whole model, and the result equals the
+        # plain model built from the same seed (llip_scale.zero_init).
         from llip_scale.zero_init import build_model_zero3
-
         model = build_model_zero3(cfg.model, compute_dtype(cfg), ds_config, backend, cfg.loss.chunk_size)
     else:
-        model = make()
+        model = build_plain_model(cfg.model, backend, cfg.loss.chunk_size)
     for tower in (model.visual, model.text):
         tower.transformer.grad_checkpointing = cfg.distributed.activation_checkpointing
     return model
@@ -155,12 +151,10 @@ def _optimizer(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
 
 @contextlib.contextmanager
 def _scalar_parameters_safe() -> Iterator[None]:
-    """DeepSpeed broadcasts parameters from rank 0 through a byte view (``engine`` init for
-    stages 0-2, ``zero.Init`` for stage 3), which a 0-dim tensor such as the logit scale and
-    bias cannot take. Meanwhile, broadcast those through a 1-element view of the same storage."""
-    from deepspeed.runtime.zero.partition_parameters import Init
-
-    engine_broadcast, zero_init_param = deepspeed.DeepSpeedEngine._broadcast_model, Init._zero_init_param
+    """DeepSpeed (stages 0-2) broadcasts each parameter from rank 0 through a byte view, which a
+    0-dim tensor such as the logit scale and bias cannot take; give those a 1-element shape
+    meanwhile (the same storage, so the broadcast lands in the parameter)."""
+    engine_broadcast = deepspeed.DeepSpeedEngine._broadcast_model
 
     def broadcast_model(engine: Engine) -> None:
         scalars = [p for p in engine.module.parameters() if p.dim() == 0]
@@ -172,21 +166,11 @@ def _scalar_parameters_safe() -> Iterator[None]:
             for p in scalars:
                 p.data = p.data.reshape(())
 
-    def init_param(init: Init, param: nn.Parameter) -> None:
-        if param.dim() > 0:
-            return zero_init_param(init, param)
-        comm = deepspeed.comm
-        init._convert_to_deepspeed_param(param)
-        group = init.get_partition_dp_group(param)
-        src = 0 if comm.get_world_group() == group else comm.get_global_rank(group, 0)
-        comm.broadcast(param.data.reshape(1).view(torch.uint8), src, group)
-        param.partition()
-
-    deepspeed.DeepSpeedEngine._broadcast_model, Init._zero_init_param = broadcast_model, init_param
+    deepspeed.DeepSpeedEngine._broadcast_model = broadcast_model
     try:
         yield
     finally:
-        deepspeed.DeepSpeedEngine._broadcast_model, Init._zero_init_param = engine_broadcast, zero_init_param
+        deepspeed.DeepSpeedEngine._broadcast_model = engine_broadcast
 
 
 def initialize(cfg: Config, env: DistEnv) -> Engine:

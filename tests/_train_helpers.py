@@ -13,7 +13,8 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("DS_ACCELERATOR", "cpu")  # reading DeepSpeed checkpoints imports deepspeed
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # reading DeepSpeed checkpoints imports deepspeed
 PYTHON = sys.executable
 
 # The tiny model, smaller still: a run of a few steps takes seconds on two CPU cores.
@@ -49,7 +50,8 @@ def write_config(path: Path, **sections: Any) -> Path:
 
 
 def run_env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    """The runs of these tests are CPU runs (gloo, fp32) even where a GPU is present."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
     return env
 

@@ -22,9 +22,9 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, out: Path) -> None:
-    """One of two ranks: exercise the collectives and save what each rank saw."""
+    """One of two ranks: exercise the collectives and save what each rank saw (on the CPU)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
     from llip_scale.distributed import all_gather_objects, broadcast_object, init_distributed, shutdown
 
     env = init_distributed("auto")

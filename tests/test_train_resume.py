@@ -27,7 +27,8 @@ import pytest
 from _train_helpers import (checkpoint_differences, metrics, newest_complete, start, tail, train_command,
                             write_config)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers in Linux /proc")]
 FINAL = "checkpoints/step_0000000008"
 
 
