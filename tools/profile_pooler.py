@@ -58,6 +58,7 @@ class Case:
     dtype: str = "float32"
     repeats: int = 3
     device: str = "cpu"
+    reference_limit: float = REFERENCE_MAX_FRACTION
 
 
 def pair_flops(case: Case) -> float:
@@ -75,7 +76,7 @@ def reference_bytes(case: Case) -> float:
 def skip_reason(case: Case, device_bytes: Optional[float]) -> Optional[str]:
     if case.backend == "triton" and case.device == "cpu":
         return "needs CUDA (the interpreter is for correctness only)"
-    if case.backend == "reference" and device_bytes and reference_bytes(case) > REFERENCE_MAX_FRACTION * device_bytes:
+    if case.backend == "reference" and device_bytes and reference_bytes(case) > case.reference_limit * device_bytes:
         return f"would materialise ~{reference_bytes(case) / 2**30:.0f} GiB"
     return None
 
@@ -446,6 +447,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--head", default=None, help="K,E,H,dtype (default: G/14's head on cuda, B/16's on cpu)")
     p.add_argument("--passes", choices=["both", "fwd", "fwd+bwd"], default="both")
     p.add_argument("--timeout", type=float, default=600, help="seconds per measurement")
+    p.add_argument("--reference-limit", type=float, default=REFERENCE_MAX_FRACTION,
+                   help="skip `reference` where it needs more than this fraction of device (host) memory")
     p.add_argument("--memory-plan", action="store_true",
                    help="print the triton backend's planned extra memory for the zoo's heads and exit")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -470,6 +473,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                        args.head and _parse_head(args.head))
     if args.passes != "both":
         cases = [c for c in cases if c.backward == (args.passes == "fwd+bwd")]
+    for c in cases:
+        c.reference_limit = args.reference_limit
     peak = _child(["--child-peak", device, cases[0].dtype], args.timeout)
     meta = dict(command=" ".join(["python", "tools/profile_pooler.py", *sys.argv[1:]]), device=device,
                 matmul_peak=None if "error" in peak else peak)
