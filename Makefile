@@ -6,8 +6,9 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 export PYTHONUNBUFFERED := 1
+BENCH_DEVICE ?= cpu
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test bench clean
 
 venv: $(STAMP)
 
@@ -25,8 +26,11 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q $(ARGS)
 
+# Benchmarks; record the printed numbers in benchmarks/RESULTS.md.
 bench: venv
-	$(PY) tools/profile_pooler.py --json benchmarks/profile_pooler_cpu.json
+	$(PY) tools/profile_pooler.py --device $(BENCH_DEVICE) --out benchmarks/pairs_$(BENCH_DEVICE)
+	$(PY) tools/bench_loader.py --json benchmarks/loader_cpu.json
+	$(PY) tools/bench_train.py --json benchmarks/train_cpu.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

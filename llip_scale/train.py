@@ -320,9 +320,11 @@ def main(cfg: Config) -> int:
                     writer.write(state.step, final)
                     progress.message(f"step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
             if due(state.step, cfg.checkpoint.every, cfg.steps) or verdict.stop or state.step == cfg.steps:
+                started = time.perf_counter()
                 path = checkpoint.save(engine, cfg, state.step,
                                        {"train": asdict(state), "rng": checkpoint.rng_state()}, env)
-                progress.message(f"step {state.step}: checkpoint {path}")
+                # The save time sizes launcher.signal_delay_s (see the README).
+                progress.message(f"step {state.step}: checkpoint {path} ({time.perf_counter() - started:.1f} s)")
             if verdict.stop:
                 progress.message(f"stopped by {preempt.received or 'a signal on another rank'} at step "
                                  f"{state.step}; rerun the same command to continue")
