@@ -94,18 +94,24 @@ def _blocks(prep: _Prepared, bt: int, chunk: int):
         yield start, prep.qh[start:stop], other, aux
 
 
+def _prepare(keys, values, w_o, queries, targets, logit_scale, logit_bias, num_heads, tau,
+             chunk_size: Optional[int], mode: Optional[str]) -> _Prepared:
+    bi, k, e = keys.shape
+    bt = queries.shape[0]
+    prep = _Prepared(keys, values, w_o, queries, targets, num_heads, tau, mode or choose_mode(k, num_heads, e))
+    prep.bt = bt
+    prep.chunk = chunk_size or default_chunk(bi, k, num_heads, e, bt)
+    prep.scale, prep.bias = logit_scale.to(prep.kh.dtype), logit_bias.to(prep.kh.dtype)
+    return prep
+
+
 def chunked_loss(keys: Tensor, values: Tensor, w_o: Tensor, queries: Tensor, targets: Tensor,
                  logit_scale: Tensor, logit_bias: Tensor, *, num_heads: int, tau: float, offset: int,
                  normalizer: float, chunk_size: Optional[int] = None, mode: Optional[str] = None) -> Tensor:
-    bi, k, e = keys.shape
-    bt = queries.shape[0]
-    mode = mode or choose_mode(k, num_heads, e)
-    chunk = chunk_size or default_chunk(bi, k, num_heads, e, bt)
-    prep = _Prepared(keys, values, w_o, queries, targets, num_heads, tau, mode)
-    scale, bias = logit_scale.to(prep.kh.dtype), logit_bias.to(prep.kh.dtype)
-    total = keys.new_zeros((), dtype=prep.kh.dtype)
-    for start, qh, other, aux in _blocks(prep, bt, chunk):
-        args = (prep.kh, prep.vh, aux, qh, other, scale, bias, mode, start, offset)
+    p = _prepare(keys, values, w_o, queries, targets, logit_scale, logit_bias, num_heads, tau, chunk_size, mode)
+    total = keys.new_zeros((), dtype=p.kh.dtype)
+    for start, qh, other, aux in _blocks(p, p.bt, p.chunk):
+        args = (p.kh, p.vh, aux, qh, other, p.scale, p.bias, p.mode, start, offset)
         if torch.is_grad_enabled():
             total = total + checkpoint(_block_loss, *args, use_reentrant=False)
         else:
@@ -116,12 +122,7 @@ def chunked_loss(keys: Tensor, values: Tensor, w_o: Tensor, queries: Tensor, tar
 def chunked_scores(keys: Tensor, values: Tensor, w_o: Tensor, queries: Tensor, targets: Tensor,
                    logit_scale: Tensor, logit_bias: Tensor, *, num_heads: int, tau: float,
                    chunk_size: Optional[int] = None, mode: Optional[str] = None) -> Tensor:
-    bi, k, e = keys.shape
-    bt = queries.shape[0]
-    mode = mode or choose_mode(k, num_heads, e)
-    chunk = chunk_size or default_chunk(bi, k, num_heads, e, bt)
-    prep = _Prepared(keys, values, w_o, queries, targets, num_heads, tau, mode)
-    scale, bias = logit_scale.to(prep.kh.dtype), logit_bias.to(prep.kh.dtype)
-    out = [_block_scores(prep.kh, prep.vh, aux, qh, other, scale, bias, mode)
-           for _, qh, other, aux in _blocks(prep, bt, chunk)]
+    p = _prepare(keys, values, w_o, queries, targets, logit_scale, logit_bias, num_heads, tau, chunk_size, mode)
+    out = [_block_scores(p.kh, p.vh, aux, qh, other, p.scale, p.bias, p.mode)
+           for _, qh, other, aux in _blocks(p, p.bt, p.chunk)]
     return torch.cat(out, dim=1)
