@@ -65,3 +65,22 @@ def test_rerun_with_more_steps_continues_from_the_loader_state(runs):
     assert steps == [1, 2, 3, 4, 5, 6]
     assert sorted(p.name for p in (runs["run"] / "checkpoints").glob("step_*")) == [
         "step_0000000004", "step_0000000006"]
+
+
+def test_llip_eval_on_the_trainers_checkpoint_reproduces_its_final_numbers(runs, tmp_path):
+    """``llip-eval RUN`` (newest complete checkpoint, consolidated offline) = the trainer's final eval."""
+    out_json = tmp_path / "eval.json"
+    out = run([sys.executable, "-m", "llip_scale.eval.cli", str(runs["run"]), "--json", str(out_json),
+               "--taus", "1.0"])
+    assert out.returncode == 0, tail(out.stdout + out.stderr)
+    got = json.loads(out_json.read_text())
+    summary = json.loads((runs["run"] / "summary.json").read_text())
+    for key in ("zeroshot/top1", "zeroshot/top5", "retrieval/image_to_text_R@1", "retrieval/text_to_image_R@5"):
+        assert got[key] == pytest.approx(summary[key], abs=1e-6), key
+    assert "zeroshot/top1@tau=1" in got
+
+
+def test_llip_eval_reports_a_missing_checkpoint_in_one_line(tmp_path):
+    out = run([sys.executable, "-m", "llip_scale.eval.cli", str(tmp_path)])
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "holds no complete checkpoint" in out.stderr
