@@ -84,3 +84,13 @@ def test_llip_eval_reports_a_missing_checkpoint_in_one_line(tmp_path):
     out = run([sys.executable, "-m", "llip_scale.eval.cli", str(tmp_path)])
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "holds no complete checkpoint" in out.stderr
+
+
+def test_visualize_mixing_draws_the_checkpoints_weights(runs, demo_data, tmp_path):
+    image = sorted((demo_data / "eval" / "images").glob("rt-*.jpg"))[0]
+    out_png = tmp_path / "mix.png"
+    out = run([sys.executable, str(REPO / "tools" / "visualize_mixing.py"), str(runs["run"]), str(image),
+               "a red circle", "a blue square above a green triangle", "--out", str(out_png)])
+    assert out.returncode == 0, tail(out.stdout + out.stderr)
+    assert "2 captions x 2 heads x 4 tokens" in out.stdout
+    assert out_png.stat().st_size > 5000

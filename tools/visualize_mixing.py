@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Picture of Llip's caption-specific mixing: for one image and several captions, each caption's
+mixing weights over the K mixture tokens (per head) and its score, as a PNG.
+
+    python tools/visualize_mixing.py RUN_OR_CHECKPOINT_OR_EXPORT image.jpg \
+        "a red circle" "a blue square left of a green star" --out mixing.png [--tokenizer tok.model]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from llip_scale.data import Tokenizer, eval_image
+from llip_scale.eval.cli import load_for_eval
+from llip_scale.eval.mixing import mixing_weights, plot_mixing
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", type=Path, help="run folder, checkpoint folder or exported folder")
+    p.add_argument("image", type=Path)
+    p.add_argument("captions", nargs="+")
+    p.add_argument("--out", type=Path, default=Path("mixing.png"))
+    p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the run's data.tokenizer)")
+    args = p.parse_args(argv)
+    try:
+        model, config = load_for_eval(args.model, torch.device("cpu"), "auto")
+        tok_path = args.tokenizer or config.get("data", {}).get("tokenizer")
+        if not tok_path:
+            raise ValueError("pass --tokenizer: the model folder names no tokenizer")
+        if not model.is_llip:
+            raise ValueError(f"the model's head is '{model.cfg.head.kind}': only Llip mixes tokens per caption")
+        tokens = Tokenizer(tok_path, model.cfg.text.context_length)(args.captions)
+        raw = args.image.read_bytes()
+    except (OSError, ValueError) as e:
+        print(f"visualize_mixing: {e}", file=sys.stderr)
+        return 2
+    with torch.no_grad():
+        keys, values = model.encode_image(eval_image(raw, model.cfg.vision.image_size)[None])
+        queries, targets = model.encode_text(tokens)
+        scores = model.score((keys, values), (queries, targets))[0].tolist()
+        weights = mixing_weights(keys[0], queries, model.head.num_heads, model.head.tau)
+    picture = np.asarray(Image.open(args.image).convert("RGB"))
+    fig = plot_mixing(weights, args.captions, scores, image=picture, title=str(args.model))
+    fig.savefig(args.out, dpi=120, bbox_inches="tight")
+    print(f"wrote {args.out}: {len(args.captions)} captions x {weights.shape[1]} heads x {weights.shape[2]} tokens")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
