@@ -42,17 +42,21 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 class _Prepared:
     """Per-image and per-text tensors shared by all blocks (built once, under autograd)."""
 
-    def __init__(self, keys, values, w_o, queries, targets, num_heads, tau, mode):
+    def __init__(self, keys, values, w_o, queries, targets, logit_scale, logit_bias, num_heads: int, tau: float,
+                 chunk_size: Optional[int], mode: Optional[str]):
         dt = _compute_dtype(keys)
         bi, k, e = keys.shape
         h, d = num_heads, e // num_heads
-        self.mode, self.h, self.k, self.e = mode, h, k, e
+        self.mode = mode or choose_mode(k, num_heads, e)
+        self.bt = queries.shape[0]
+        self.chunk = chunk_size or default_chunk(bi, k, num_heads, e, self.bt)
+        self.scale, self.bias = logit_scale.to(dt), logit_bias.to(dt)
         self.kh = keys.to(dt).reshape(bi, k, h, d)
         self.vh = values.to(dt).reshape(bi, k, h, d)
         self.qh = (queries.to(dt) / tau).reshape(-1, h, d)
         w = w_o.to(dt)
         self.t = targets.to(dt)
-        if mode == "gram":
+        if self.mode == "gram":
             self.u = (self.t @ w.t()).reshape(-1, h, d)  # U = t @ W_o^T  [Bt, H, d]
             folded = torch.einsum("ikhd,hde->ihke", self.vh, w.reshape(h, d, e)).reshape(bi, h * k, e)
             self.gram = folded @ folded.transpose(1, 2)  # [Bi, HK, HK]
@@ -86,31 +90,20 @@ def _block_loss(kh, vh, aux, qh, u_or_t, scale, bias, mode: str, col0: int, offs
     return F.softplus(-sign * s).sum()
 
 
-def _blocks(prep: _Prepared, bt: int, chunk: int):
-    for start in range(0, bt, chunk):
-        stop = min(bt, start + chunk)
+def _blocks(prep: _Prepared):
+    for start in range(0, prep.bt, prep.chunk):
+        stop = min(prep.bt, start + prep.chunk)
         other = prep.u[start:stop] if prep.mode == "gram" else prep.t[start:stop]
         aux = prep.gram if prep.mode == "gram" else prep.w
         yield start, prep.qh[start:stop], other, aux
 
 
-def _prepare(keys, values, w_o, queries, targets, logit_scale, logit_bias, num_heads, tau,
-             chunk_size: Optional[int], mode: Optional[str]) -> _Prepared:
-    bi, k, e = keys.shape
-    bt = queries.shape[0]
-    prep = _Prepared(keys, values, w_o, queries, targets, num_heads, tau, mode or choose_mode(k, num_heads, e))
-    prep.bt = bt
-    prep.chunk = chunk_size or default_chunk(bi, k, num_heads, e, bt)
-    prep.scale, prep.bias = logit_scale.to(prep.kh.dtype), logit_bias.to(prep.kh.dtype)
-    return prep
-
-
 def chunked_loss(keys: Tensor, values: Tensor, w_o: Tensor, queries: Tensor, targets: Tensor,
                  logit_scale: Tensor, logit_bias: Tensor, *, num_heads: int, tau: float, offset: int,
                  normalizer: float, chunk_size: Optional[int] = None, mode: Optional[str] = None) -> Tensor:
-    p = _prepare(keys, values, w_o, queries, targets, logit_scale, logit_bias, num_heads, tau, chunk_size, mode)
+    p = _Prepared(keys, values, w_o, queries, targets, logit_scale, logit_bias, num_heads, tau, chunk_size, mode)
     total = keys.new_zeros((), dtype=p.kh.dtype)
-    for start, qh, other, aux in _blocks(p, p.bt, p.chunk):
+    for start, qh, other, aux in _blocks(p):
         args = (p.kh, p.vh, aux, qh, other, p.scale, p.bias, p.mode, start, offset)
         if torch.is_grad_enabled():
             total = total + checkpoint(_block_loss, *args, use_reentrant=False)
@@ -122,7 +115,7 @@ def chunked_loss(keys: Tensor, values: Tensor, w_o: Tensor, queries: Tensor, tar
 def chunked_scores(keys: Tensor, values: Tensor, w_o: Tensor, queries: Tensor, targets: Tensor,
                    logit_scale: Tensor, logit_bias: Tensor, *, num_heads: int, tau: float,
                    chunk_size: Optional[int] = None, mode: Optional[str] = None) -> Tensor:
-    p = _prepare(keys, values, w_o, queries, targets, logit_scale, logit_bias, num_heads, tau, chunk_size, mode)
+    p = _Prepared(keys, values, w_o, queries, targets, logit_scale, logit_bias, num_heads, tau, chunk_size, mode)
     out = [_block_scores(p.kh, p.vh, aux, qh, other, p.scale, p.bias, p.mode)
-           for _, qh, other, aux in _blocks(p, p.bt, p.chunk)]
+           for _, qh, other, aux in _blocks(p)]
     return torch.cat(out, dim=1)
