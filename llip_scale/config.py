@@ -119,11 +119,15 @@ class EvalConfig:
     # image of retrieval_dir; neither: no held-out loss.
     heldout_shards: str = ""
     heldout_samples: int = 512  # pairs, over all ranks; 0 disables the held-out evaluation
+    # Llip: at each evaluation, TensorBoard gets a picture of the mixing weights of this many
+    # retrieval_dir images, each with its own captions (eval/mixing/N); 0 disables it.
+    mixing_images: int = 1
 
     def validate(self, name: str) -> None:
         check(self.every >= 0, f"{name}.every must be >= 0")
         check(self.batch_size >= 1, f"{name}.batch_size must be >= 1")
         check(self.heldout_samples >= 0, f"{name}.heldout_samples must be >= 0 (0 disables it)")
+        check(self.mixing_images >= 0, f"{name}.mixing_images must be >= 0 (0 disables it)")
 
 
 @dataclass

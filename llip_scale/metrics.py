@@ -51,6 +51,11 @@ class MetricsWriter:
                 if v is not None:
                     self._tb.add_scalar(k, v, step)
 
+    def figure(self, tag: str, figure, step: int) -> None:
+        """A matplotlib figure as a TensorBoard image (closed afterwards)."""
+        if self._tb is not None:
+            self._tb.add_figure(tag, figure, step, close=True)
+
     def flush(self) -> None:
         if self._tb is not None:
             self._tb.flush()

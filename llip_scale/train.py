@@ -158,10 +158,6 @@ def evaluate(engine: Any, cfg: Config, env: Any, tokenizer: Any) -> dict[str, fl
     """Evaluation every ``eval.every`` steps and at the end: the held-out loss and recall of
     :mod:`llip_scale.heldout`, and zero-shot / retrieval on the eval folders when they are set.
     Every rank runs it (ZeRO-3 gathers parameters collectively); rank 0 reports it."""
-    import contextlib
-
-    import torch
-
     from llip_scale.heldout import evaluate_heldout, folder_pairs
 
     out: dict[str, float] = {}
@@ -176,16 +172,44 @@ def evaluate(engine: Any, cfg: Config, env: Any, tokenizer: Any) -> dict[str, fl
                                          cfg.eval.batch_size, env)
         out.update(evaluate_heldout(engine.module, batches, cfg, env, per_rank))
     if cfg.eval.zeroshot_dir or cfg.eval.retrieval_dir:
-        from llip_scale.engine import compute_dtype
         from llip_scale.eval.run import evaluate as evaluate_folders
 
-        dtype = compute_dtype(cfg)
-        cast = torch.autocast(env.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-        with cast:
+        with eval_cast(cfg, env):
             out.update(evaluate_folders(engine.module, tokenizer, cfg.model.vision.image_size, env.device,
                                         zeroshot_dir=cfg.eval.zeroshot_dir, retrieval_dir=cfg.eval.retrieval_dir,
                                         batch_size=cfg.eval.batch_size))
     return out
+
+
+def eval_cast(cfg: Config, env: Any) -> Any:
+    """Autocast to the training precision for evaluation (nothing in fp32)."""
+    import contextlib
+
+    import torch
+
+    from llip_scale.engine import compute_dtype
+    dtype = compute_dtype(cfg)
+    return torch.autocast(env.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+
+def log_mixing(engine: Any, cfg: Config, env: Any, tokenizer: Any, writer: Any, step: int) -> None:
+    """The mixing picture of ``eval.mixing_images`` retrieval images, to TensorBoard (Llip only).
+    Every rank encodes (ZeRO-3 gathers parameters collectively); rank 0 draws."""
+    model = engine.module
+    if not (cfg.eval.mixing_images and cfg.eval.retrieval_dir and model.is_llip and cfg.logging.tensorboard):
+        return
+    from llip_scale.eval.mixing import retrieval_figures
+
+    was_training = model.training
+    model.eval()
+    try:
+        with eval_cast(cfg, env):
+            figures = retrieval_figures(model, tokenizer, cfg.eval.retrieval_dir, cfg.model.vision.image_size,
+                                        env.device, cfg.eval.mixing_images, render=env.is_main)
+    finally:
+        model.train(was_training)
+    for i, figure in enumerate(figures):
+        writer.figure(f"eval/mixing/{i}", figure, step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +340,7 @@ def main(cfg: Config) -> int:
             # -- evaluation, checkpoint, preemption ---------------------------------------------
             if due(state.step, cfg.eval.every, cfg.steps) or state.step == cfg.steps:
                 final = evaluate(engine, cfg, env, tokenizer)
+                log_mixing(engine, cfg, env, tokenizer, writer, state.step)
                 if final:
                     writer.write(state.step, final)
                     progress.message(f"step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))

@@ -82,3 +82,22 @@ def test_mixing_weights_and_plot(tmp_path):
                       image=torch.rand(16, 16, 3).numpy(), title="demo")
     fig.savefig(tmp_path / "mix.png")
     assert (tmp_path / "mix.png").stat().st_size > 1000
+
+
+def test_caption_mixing_weights_are_the_ones_the_score_uses():
+    """Re-mixing the values with the pictured weights gives back the model's own scores."""
+    from llip_scale.eval.mixing import caption_mixing
+
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny")).eval()
+    image = torch.randn(3, 64, 64)
+    tokens = torch.randint(3, 300, (4, 32))
+    weights, scores = caption_mixing(model, image, tokens)
+    keys, values = model.encode_image(image[None])
+    queries, targets = model.encode_text(tokens)
+    h = model.head.num_heads
+    mixed = torch.einsum("nhk,khd->nhd", weights, values[0].view(values.shape[1], h, -1)).reshape(4, -1)
+    cos = (F.normalize(mixed @ model.head.out_proj, dim=-1) * F.normalize(targets, dim=-1)).sum(-1)
+    expected = model.head.logit_scale.exp() * cos + model.head.logit_bias
+    torch.testing.assert_close(scores, expected.detach(), rtol=1e-4, atol=1e-4)
+    assert weights.shape == (4, h, keys.shape[1])

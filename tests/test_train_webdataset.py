@@ -7,11 +7,13 @@ from its step-4 checkpoint, loader state included.
 """
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from _train_helpers import REPO, metrics, run, run_env, tail, train_command, write_config
 
@@ -94,3 +96,17 @@ def test_visualize_mixing_draws_the_checkpoints_weights(runs, demo_data, tmp_pat
     assert out.returncode == 0, tail(out.stdout + out.stderr)
     assert "2 captions x 2 heads x 4 tokens" in out.stdout
     assert out_png.stat().st_size > 5000
+
+
+def test_each_evaluation_logs_the_mixing_picture_to_tensorboard(runs):
+    """One figure per evaluation (steps 4 and 6, across the resume) of the first retrieval image
+    with its 5 captions: a PNG tall enough to hold a row per caption."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(runs["run"] / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert "eval/mixing/0" in events.Tags()["images"]
+    pictures = events.Images("eval/mixing/0")
+    assert [p.step for p in pictures] == [4, 6]
+    png = Image.open(io.BytesIO(pictures[-1].encoded_image_string))
+    assert png.format == "PNG" and png.height > 300 and png.width > 300

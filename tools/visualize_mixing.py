@@ -17,7 +17,7 @@ from PIL import Image
 
 from llip_scale.data import Tokenizer, eval_image
 from llip_scale.eval.cli import load_for_eval
-from llip_scale.eval.mixing import mixing_weights, plot_mixing
+from llip_scale.eval.mixing import caption_mixing, plot_mixing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,13 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"visualize_mixing: {e}", file=sys.stderr)
         return 2
-    with torch.no_grad():
-        keys, values = model.encode_image(eval_image(raw, model.cfg.vision.image_size)[None])
-        queries, targets = model.encode_text(tokens)
-        scores = model.score((keys, values), (queries, targets))[0].tolist()
-        weights = mixing_weights(keys[0], queries, model.head.num_heads, model.head.tau)
+    weights, scores = caption_mixing(model, eval_image(raw, model.cfg.vision.image_size), tokens)
     picture = np.asarray(Image.open(args.image).convert("RGB"))
-    fig = plot_mixing(weights, args.captions, scores, image=picture, title=str(args.model))
+    fig = plot_mixing(weights, args.captions, scores.tolist(), image=picture, title=str(args.model))
     fig.savefig(args.out, dpi=120, bbox_inches="tight")
     print(f"wrote {args.out}: {len(args.captions)} captions x {weights.shape[1]} heads x {weights.shape[2]} tokens")
     return 0

@@ -6,11 +6,44 @@ caption with its score: different captions should pick different mixture tokens.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+
+@torch.no_grad()
+def caption_mixing(model, image: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """One image [3, S, S] and n tokenised captions [n, L] (on the model's device) -> the mixing
+    weights [n, H, K] and the scores [n] of a Llip model."""
+    keys, values = model.encode_image(image[None])
+    queries, targets = model.encode_text(tokens)
+    scores = model.score((keys, values), (queries, targets))[0]
+    weights = mixing_weights(keys[0].float(), queries.float(), model.head.num_heads, model.head.tau)
+    return weights.cpu(), scores.float().cpu()
+
+
+def retrieval_figures(model, tokenize, folder: str | Path, image_size: int, device: torch.device, count: int,
+                      render: bool = True) -> list:
+    """Mixing figures of the first ``count`` images of a retrieval split, each with its own
+    captions. Every caller runs the model (ZeRO-3 gathers parameters collectively); only those
+    with ``render`` build figures."""
+    from PIL import Image
+
+    from llip_scale.data import eval_image
+    from llip_scale.data.evalsets import load_retrieval_split
+
+    split = load_retrieval_split(folder)
+    figures = []
+    for path, captions in list(zip(split.images, split.captions))[:count]:
+        raw = Path(path).read_bytes()
+        weights, scores = caption_mixing(model, eval_image(raw, image_size).to(device), tokenize(captions).to(device))
+        if render:
+            picture = np.asarray(Image.open(path).convert("RGB"))
+            figures.append(plot_mixing(weights, captions, scores.tolist(), image=picture, title=Path(path).name))
+    return figures
 
 
 @torch.no_grad()
