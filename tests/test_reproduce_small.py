@@ -1,5 +1,5 @@
 """tools/reproduce_small.py: every method x seed trained and evaluated, the report's means and
-stds computed from the runs' own summaries, reruns reusing finished runs and keeping the notes,
+stds computed from the runs' own summaries (and the zero-shot colour / shape accuracies), reruns reusing finished runs and keeping the notes,
 and a bad override refused before any training.
 
 Data: a small demo set (128 scenes); the towers are shrunk and each run trains 2 steps.
@@ -72,9 +72,14 @@ def test_every_method_and_seed_is_trained_and_summarised(reproduction):
         for method in ("llip", "siglip", "clip"):
             values = []
             for seed in (0, 1):
-                summary = json.loads((tmp / "runs" / f"{method}_seed{seed}" / "summary.json").read_text())
+                folder = tmp / "runs" / f"{method}_seed{seed}"
+                summary = json.loads((folder / "summary.json").read_text())
                 assert summary["status"] == "done" and summary["steps"] == 2
+                summary.update(json.loads((folder / "reproduce.json").read_text())["metrics"])
                 values.append(summary[key])
+                # A right top-1 class has the right colour and shape; both right make it right.
+                top1, colour, shape = summary["zeroshot/top1"], summary["zeroshot/colour"], summary["zeroshot/shape"]
+                assert colour + shape - 1 - 1e-6 <= top1 <= min(colour, shape) + 1e-6
             mean, std = statistics.fmean(values), statistics.stdev(values)
             assert _cell(report, method, column) == f"{100 * mean:.1f} ± {100 * std:.1f}", (method, key)
     config = yaml.safe_load((tmp / "runs" / "siglip_seed1" / "config.yaml").read_text())
@@ -94,7 +99,7 @@ def test_a_rerun_reuses_the_runs_and_keeps_the_notes(reproduction, data):
     assert again.returncode == 0, tail(again.stdout + again.stderr)
     assert again.stdout.count("(reused)") == 6
     text = out.read_text()
-    assert "6 reused from an earlier invocation" in text
+    assert "(6 of them trained by an earlier invocation; this one took 0.0 min)" in text
     assert text.endswith("<!-- notes -->\nHand-written analysis that must survive.\n")
 
 

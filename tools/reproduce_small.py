@@ -34,6 +34,10 @@ sys.path.insert(0, str(REPO))
 
 from llip_scale.config import Config, ConfigError, load_config  # noqa: E402
 
+if not os.environ.get("DS_ACCELERATOR"):  # the runs and the checkpoint reader start DeepSpeed
+    import torch
+    os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+
 CONFIG = "configs/experiments/reproduce_small.yaml"
 NOTES_MARKER = "<!-- notes -->"
 # The baselines pool the vision tower into one token where Llip keeps K mixture tokens.
@@ -44,6 +48,7 @@ METHODS: dict[str, list[str]] = {
 }
 METRICS: list[tuple[str, str]] = [
     ("zeroshot/top1", "zero-shot top-1"), ("zeroshot/top5", "zero-shot top-5"),
+    ("zeroshot/colour", "zero-shot colour"), ("zeroshot/shape", "zero-shot shape"),
     ("retrieval/image_to_text_R@1", "I->T R@1"), ("retrieval/image_to_text_R@5", "I->T R@5"),
     ("retrieval/image_to_text_R@10", "I->T R@10"), ("retrieval/text_to_image_R@1", "T->I R@1"),
     ("retrieval/text_to_image_R@5", "T->I R@5"), ("retrieval/text_to_image_R@10", "T->I R@10"),
@@ -90,14 +95,35 @@ def _finished(run: Run) -> Optional[dict]:
     return summary if summary.get("status") == "done" and summary.get("steps") == run.config.steps else None
 
 
+def attribute_accuracy(folder: Path, eval_dir: Path, threads: int) -> dict[str, float]:
+    """Zero-shot top-1 split by attribute: how often the predicted class has the right colour (the
+    first word of the demo set's "colour shape" class names) and the right shape (the rest). A model
+    that knows colours but guesses shapes scores 1/8 top-1 and 5/8 top-5 on the 8 x 8 classes."""
+    import torch
+
+    from llip_scale.data import Tokenizer
+    from llip_scale.eval.cli import load_for_eval
+    from llip_scale.eval.run import zeroshot_scores
+
+    torch.set_num_threads(threads)
+    model, config = load_for_eval(folder, torch.device("cpu"), "auto")
+    tokenize = Tokenizer(config["data"]["tokenizer"], model.cfg.text.context_length)
+    scores, split = zeroshot_scores(model.eval(), tokenize, eval_dir, model.cfg.vision.image_size, torch.device("cpu"))
+    names = [c.split(" ", 1) for c in split.classnames]
+    pairs = list(zip(scores.argmax(dim=1).tolist(), split.labels))
+    return {"zeroshot/colour": statistics.fmean(names[p][0] == names[t][0] for p, t in pairs),
+            "zeroshot/shape": statistics.fmean(names[p][1:] == names[t][1:] for p, t in pairs)}
+
+
 def execute(run: Run, threads: int) -> Result:
     """Train and evaluate one run in its own process (or reuse its finished folder)."""
-    timing = run.folder / "wall_time.json"
+    record = run.folder / "reproduce.json"  # wall time and the attribute accuracies of a finished run
     done = _finished(run)
-    if done is not None and timing.is_file():
-        return Result(run, done, json.loads(timing.read_text())["seconds"], reused=True)
+    if done is not None and record.is_file():
+        saved = json.loads(record.read_text())
+        return Result(run, {**done, **saved["metrics"]}, saved["seconds"], reused=True)
     run.folder.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     start = time.time()
     with open(run.folder / "train.log", "w") as log:
         code = subprocess.run([sys.executable, "-m", "llip_scale.train", CONFIG, *run.overrides], cwd=REPO,
@@ -106,8 +132,9 @@ def execute(run: Run, threads: int) -> Result:
     done = _finished(run)
     if code != 0 or done is None:
         raise RuntimeError(f"{run.method} seed {run.seed} failed (exit code {code}); see {run.folder / 'train.log'}")
-    timing.write_text(json.dumps({"seconds": seconds}))
-    return Result(run, done, seconds, reused=False)
+    extra = attribute_accuracy(run.folder, Path(run.config.eval.zeroshot_dir), threads)
+    record.write_text(json.dumps({"seconds": seconds, "metrics": extra}))
+    return Result(run, {**done, **extra}, seconds, reused=False)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -135,11 +162,15 @@ def chance_levels(eval_dir: Path) -> dict[str, float]:
     """What guessing scores on the eval split, for scale."""
     from llip_scale.data.evalsets import load_retrieval_split, load_zeroshot_split
 
-    classes = len(load_zeroshot_split(eval_dir).classnames)
+    names = [c.split(" ", 1) for c in load_zeroshot_split(eval_dir).classnames]
+    classes = len(names)
     captions = load_retrieval_split(eval_dir).captions
     images, texts = len(captions), sum(len(c) for c in captions)
     per_image = texts / images
-    out = {"zeroshot/top1": 1 / classes, "zeroshot/top5": min(1.0, 5 / classes)}
+    out = {"zeroshot/top1": 1 / classes, "zeroshot/top5": min(1.0, 5 / classes),
+           # a class drawn at random shares the true class's colour (shape) this often
+           "zeroshot/colour": statistics.fmean(sum(m[0] == n[0] for m in names) / classes for n in names),
+           "zeroshot/shape": statistics.fmean(sum(m[1:] == n[1:] for m in names) / classes for n in names)}
     for k in (1, 5, 10):
         # An image is retrieved correctly when one of its captions is among k random picks.
         out[f"retrieval/image_to_text_R@{k}"] = 1 - math.comb(texts - round(per_image), k) / math.comb(texts, k)
@@ -173,8 +204,18 @@ def _verdict(results: list[Result]) -> list[str]:
             "| comparison | metric | difference | Llip ahead |", "|---|---|---|---|", *lines, ""]
 
 
-def render(results: list[Result], runs: list[Run], command: str, wall: float, chance: dict[str, float],
-           params: dict[str, int]) -> str:
+def total_wall_time(runs_dir: Path, wall: float, trained: int) -> float:
+    """Wall time of every invocation that trained runs in ``runs_dir``, this one included."""
+    path = runs_dir / "wall_time.json"
+    total = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+    if trained:
+        total += wall
+        path.write_text(json.dumps({"seconds": total}))
+    return total
+
+
+def render(results: list[Result], runs: list[Run], command: str, wall: float, total_wall: float,
+           chance: dict[str, float], params: dict[str, int]) -> str:
     """The report, without the kept notes."""
     import torch
 
@@ -186,10 +227,10 @@ def render(results: list[Result], runs: list[Run], command: str, wall: float, ch
     lines = [
         "# Small-scale reproduction: Llip vs SigLIP vs CLIP", "",
         f"`{command}`", "",
-        f"- Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `tools/reproduce_small.py`; "
-        f"wall time {wall / 60:.1f} min for this invocation ({len(results) - reused} runs trained"
-        + (f", {reused} reused from an earlier invocation" if reused else "") + f"); the runs took "
-        f"{run_time / 60:.1f} min of process time together.",
+        f"- Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `tools/reproduce_small.py`. "
+        f"Wall time: {total_wall / 60:.1f} min to train and evaluate the {len(results)} runs"
+        + (f" ({reused} of them trained by an earlier invocation; this one took {wall / 60:.1f} min)"
+           if reused else "") + f"; the runs took {run_time / 60:.1f} min of process time together.",
         f"- Machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, no GPU.",
         f"- Every run: `{CONFIG}`, the `{cfg.model.name}` towers ({cfg.model.vision.image_size} px images, "
         f"patch {cfg.model.vision.patch_size}, width {cfg.model.vision.width}, depth {cfg.model.vision.depth}; "
@@ -201,8 +242,8 @@ def render(results: list[Result], runs: list[Run], command: str, wall: float, ch
         "token, otherwise the same towers.",
         "- Parameters: " + ", ".join(f"{m} {n / 1e6:.2f}M" for m, n in params.items()) + ".",
         f"- Data: the demo set ({cfg.data.shards}); evaluation on its held-out split ({cfg.eval.zeroshot_dir}): "
-        "zero-shot over every colour x shape class with the prompt templates, retrieval with 5 captions per "
-        "image.", "",
+        "zero-shot over every colour x shape class with the prompt templates (colour and shape: how often the "
+        "top-1 class has the right colour, the right shape), retrieval with 5 captions per image.", "",
         "## Mean ± std over seeds (percent)", "",
     ]
     header = ["method", *(name for _, name in METRICS)]
@@ -272,7 +313,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except RuntimeError as e:
         print(f"reproduce_small: {e}", file=sys.stderr)
         return 1
-    report = render(results, runs, command, time.time() - start, chance_levels(args.data / "eval"), params)
+    wall = time.time() - start
+    total = total_wall_time(args.runs, wall, trained=sum(not r.reused for r in results))
+    report = render(results, runs, command, wall, total, chance_levels(args.data / "eval"), params)
     notes = kept_notes(args.out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report + "\n" + notes)

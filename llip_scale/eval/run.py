@@ -14,22 +14,19 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from llip_scale.data.evalsets import EvalImages, ZeroShotSplit, load_retrieval_split, load_zeroshot_split
 from llip_scale.eval.encode import encode_images, encode_texts, score_all
 from llip_scale.eval.retrieval import recall_at_k
-from llip_scale.eval.zeroshot import zeroshot_eval
+from llip_scale.eval.zeroshot import class_features, zeroshot_eval
 
 
 def _image_batches(paths: Sequence[Path], image_size: int, batch_size: int, workers: int):
-    from llip_scale.data.evalsets import EvalImages
-
     return DataLoader(EvalImages(paths, image_size), batch_size=batch_size, num_workers=workers)
 
 
 def evaluate_zeroshot(model, tokenize: Callable[[list[str]], Tensor], folder: str | Path, image_size: int,
                       device: torch.device, batch_size: int = 64, workers: int = 0,
                       taus: Optional[Sequence[float]] = None) -> dict[str, float]:
-    from llip_scale.data.evalsets import load_zeroshot_split
-
     split = load_zeroshot_split(folder)
     feats = encode_images(model, _image_batches(split.images, image_size, batch_size, workers), device)
     result = zeroshot_eval(model, feats, torch.tensor(split.labels), split.classnames, split.templates,
@@ -37,10 +34,17 @@ def evaluate_zeroshot(model, tokenize: Callable[[list[str]], Tensor], folder: st
     return {f"zeroshot/{k}": v for k, v in result.items()}
 
 
+def zeroshot_scores(model, tokenize: Callable[[list[str]], Tensor], folder: str | Path, image_size: int,
+                    device: torch.device, batch_size: int = 64) -> tuple[Tensor, ZeroShotSplit]:
+    """Scores [N_images, N_classes] of a zero-shot folder (for a look at the predictions), and the split."""
+    split = load_zeroshot_split(folder)
+    feats = encode_images(model, _image_batches(split.images, image_size, batch_size, 0), device)
+    classes = class_features(model, split.classnames, split.templates, tokenize, device)
+    return score_all(model, feats, classes, device), split
+
+
 def evaluate_retrieval(model, tokenize: Callable[[list[str]], Tensor], folder: str | Path, image_size: int,
                        device: torch.device, batch_size: int = 64, workers: int = 0) -> dict[str, float]:
-    from llip_scale.data.evalsets import load_retrieval_split
-
     split = load_retrieval_split(folder)
     images = encode_images(model, _image_batches(split.images, image_size, batch_size, workers), device)
     captions = [c for caps in split.captions for c in caps]
