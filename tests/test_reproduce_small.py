@@ -103,6 +103,14 @@ def test_a_rerun_reuses_the_runs_and_keeps_the_notes(reproduction, data):
     assert text.endswith("<!-- notes -->\nHand-written analysis that must survive.\n")
 
 
+def test_a_folder_of_other_runs_is_refused_before_any_training(reproduction, data):
+    tmp = reproduction["tmp"]
+    out = run(_command(data, tmp) + ["model.head.tau=1"])
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0
+    assert "llip_seed0 holds a different run (model.head.tau: 5.0 there, 1.0 now)" in out.stderr
+
+
 def test_a_bad_override_stops_before_any_training(data, tmp_path):
     out = run(_command(data, tmp_path, "--methods", "llip") + ["model.head.tau=-1"])
     assert out.returncode == 2

@@ -32,7 +32,7 @@ from typing import Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llip_scale.config import Config, ConfigError, load_config  # noqa: E402
+from llip_scale.config import Config, ConfigError, load_config, to_dict  # noqa: E402
 
 if not os.environ.get("DS_ACCELERATOR"):  # the runs and the checkpoint reader start DeepSpeed
     import torch
@@ -83,8 +83,31 @@ def plan(methods: list[str], seeds: list[int], runs_dir: Path, steps: int, extra
             # The method's switch comes last: it wins over the overrides given for every run.
             overrides = [f"seed={seed}", f"steps={steps}", f"run_dir={runs_dir / f'{method}_seed{seed}'}",
                          *extra, *METHODS[method]]
-            runs.append(Run(method, seed, load_config(CONFIG, overrides), overrides))
+            run = Run(method, seed, load_config(CONFIG, overrides), overrides)
+            check_folder(run)
+            runs.append(run)
     return runs
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def check_folder(run: Run) -> None:
+    """A run folder that already exists must hold this very run (finished or to be continued)."""
+    saved = run.folder / "config.yaml"
+    if not saved.is_file():
+        return
+    old, new = _flat(to_dict(load_config(saved))), _flat(to_dict(run.config))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        key = changed[0]
+        raise ConfigError(f"{run.folder} holds a different run ({key}: {old.get(key)!r} there, {new.get(key)!r} now"
+                          f"{f', and {len(changed) - 1} more' if len(changed) > 1 else ''}); pass another --runs "
+                          "folder or delete it")
 
 
 def _finished(run: Run) -> Optional[dict]:
