@@ -14,7 +14,7 @@ from llip_scale.data import DataConfig, build_train_loader, check_sources
 from llip_scale.data.shards import ShardSampler, expand_braces, parse_sources
 from llip_scale.data.tario import TarError, iter_members, iter_samples
 
-from shardgen import good_members, make_tokenizer, write_good_shards, write_tar
+from shardgen import good_members, make_tokenizer, write_good_shards
 
 
 def test_brace_expansion():

@@ -11,7 +11,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from llip_scale.model import build_model, model_config
 from llip_scale.pairs import available_backends, pair_loss, pair_scores

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from _train_helpers import PYTHON, checkpoint_differences, metrics, newest_complete, run, tail, train_command, \
+from _train_helpers import checkpoint_differences, metrics, newest_complete, run, tail, train_command, \
     write_config
 from llip_scale.config import load_config
 

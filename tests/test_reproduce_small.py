@@ -2,7 +2,7 @@
 stds computed from the runs' own summaries (and the zero-shot colour / shape accuracies), reruns reusing finished runs and keeping the notes,
 and a bad override refused before any training.
 
-Data: a small demo set (128 scenes); the towers are shrunk and each run trains 2 steps.
+Data: the small demo set of conftest.py; the towers are shrunk and each run trains 2 steps.
 """
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ import importlib.util
 import json
 import math
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from _train_helpers import REPO, run, run_env, tail
+from _train_helpers import REPO, run, tail
 
 pytestmark = pytest.mark.slow
 
@@ -37,24 +36,15 @@ def _tool():
     return module
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo_data")
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_data.py"), str(out), "--train", "128",
-                    "--per-shard", "64", "--eval-zeroshot", "64", "--eval-retrieval", "24"],
-                   cwd=REPO, env=run_env(), check=True, capture_output=True)
-    return out
-
-
 def _command(data: Path, tmp: Path, *extra: str) -> list[str]:
     return [sys.executable, str(TOOL), "--seeds", "0", "1", "--steps", "2", "--jobs", "2", "--data", str(data),
             "--runs", str(tmp / "runs"), "--out", str(tmp / "REPRODUCTION.md"), *extra, "--set", *SMALL]
 
 
 @pytest.fixture(scope="module")
-def reproduction(data, tmp_path_factory):
+def reproduction(demo_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reproduce")
-    first = run(_command(data, tmp), timeout=600)
+    first = run(_command(demo_data, tmp), timeout=600)
     return {"tmp": tmp, "first": first}
 
 
@@ -91,11 +81,11 @@ def test_every_method_and_seed_is_trained_and_summarised(reproduction):
     assert "python tools/reproduce_small.py --seeds 0 1 --steps 2" in report
 
 
-def test_a_rerun_reuses_the_runs_and_keeps_the_notes(reproduction, data):
+def test_a_rerun_reuses_the_runs_and_keeps_the_notes(reproduction, demo_data):
     tmp = reproduction["tmp"]
     out = tmp / "REPRODUCTION.md"
     out.write_text(out.read_text() + "Hand-written analysis that must survive.\n")
-    again = run(_command(data, tmp), timeout=300)
+    again = run(_command(demo_data, tmp), timeout=300)
     assert again.returncode == 0, tail(again.stdout + again.stderr)
     assert again.stdout.count("(reused)") == 6
     text = out.read_text()
@@ -103,23 +93,23 @@ def test_a_rerun_reuses_the_runs_and_keeps_the_notes(reproduction, data):
     assert text.endswith("<!-- notes -->\nHand-written analysis that must survive.\n")
 
 
-def test_a_folder_of_other_runs_is_refused_before_any_training(reproduction, data):
+def test_a_folder_of_other_runs_is_refused_before_any_training(reproduction, demo_data):
     tmp = reproduction["tmp"]
-    out = run(_command(data, tmp) + ["model.head.tau=1"])
+    out = run(_command(demo_data, tmp) + ["model.head.tau=1"])
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0
     assert "llip_seed0 holds a different run (model.head.tau: 5.0 there, 1.0 now)" in out.stderr
 
 
-def test_a_bad_override_stops_before_any_training(data, tmp_path):
-    out = run(_command(data, tmp_path, "--methods", "llip") + ["model.head.tau=-1"])
+def test_a_bad_override_stops_before_any_training(demo_data, tmp_path):
+    out = run(_command(demo_data, tmp_path, "--methods", "llip") + ["model.head.tau=-1"])
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "tau must be > 0" in out.stderr
     assert not (tmp_path / "runs").exists()
 
 
-def test_chance_levels_of_the_eval_split(data):
-    chance = _tool().chance_levels(data / "eval")
+def test_chance_levels_of_the_eval_split(demo_data):
+    chance = _tool().chance_levels(demo_data / "eval")
     # 64 classes; 24 retrieval images with 5 captions each.
     assert chance["zeroshot/top1"] == pytest.approx(1 / 64)
     assert chance["zeroshot/top5"] == pytest.approx(5 / 64)

@@ -1,7 +1,7 @@
 """The trainer on real shards: the webdataset loader, its resumable state, and the evaluations
 on an eval folder (zero-shot, retrieval, held-out pairs), through ``llip-train`` in one process.
 
-Data: a small demo set from ``tools/make_demo_data.py`` (128 training scenes, its tokenizer and
+Data: the small demo set of conftest.py (128 training scenes, its tokenizer and
 eval folder). The run stops after 4 steps, then the same command with ``steps=6`` continues it
 from its step-4 checkpoint, loader state included.
 """
@@ -9,24 +9,14 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 import sys
 
 import pytest
 from PIL import Image
 
-from _train_helpers import REPO, metrics, run, run_env, tail, train_command, write_config
+from _train_helpers import REPO, metrics, run, tail, train_command, write_config
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo_data")
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_data.py"), str(out), "--train", "128",
-                    "--per-shard", "64", "--eval-zeroshot", "64", "--eval-retrieval", "24"],
-                   cwd=REPO, env=run_env(), check=True, capture_output=True)
-    return out
 
 
 @pytest.fixture(scope="module")
