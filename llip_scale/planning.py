@@ -193,8 +193,11 @@ def pair_head_bytes(cfg: ModelConfig, bi: int, bt: int, backend: str, act_bytes:
     if backend == "reference":  # attn [Bi, Bt, H, K] and mixed/z/unit z [Bi, Bt, E], then grads
         saved = float(bi) * bt * (nh * k + 3 * e) * act_bytes
         return saved, saved + float(bi) * bt * nh * k * act_bytes
-    if backend == "triton":  # fused: per-pair fp32 scores and their gradient, nothing per K or E
-        return 2.0 * bi * bt * 4, float(bi) * k * e * 4 * 2
+    if backend == "triton":  # fused: nothing per pair x K or E; the kernel plans its own chunks
+        from llip_scale.kernels.pairs import workspace_bytes
+        saved = 2.0 * bi * bt * 4  # fp32 cos and ||z|| per pair, kept from the forward
+        dtype = torch.float32 if act_bytes == 4 else torch.bfloat16
+        return saved, workspace_bytes(bi, bt, k, e, nh, dtype) - saved
     from llip_scale.pairs.chunked import choose_mode, default_chunk
 
     mode = choose_mode(k, nh, e)

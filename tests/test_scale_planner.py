@@ -186,3 +186,18 @@ def test_plan_within_25_percent_of_measured_peak(tmp_path, capsys):
     for r in results:
         assert r["measured_bytes"] > 20 * 2 ** 20, r  # a real step, not noise
         assert 0.75 <= r["ratio"] <= 1.25, r
+
+
+@pytest.mark.parametrize("name, bi, bt, dtype", [("g14", 128, 32768, torch.bfloat16), ("b32", 64, 4096, torch.float32)])
+def test_triton_pair_head_is_the_kernels_own_workspace_plan(name, bi, bt, dtype):
+    """The planner's triton line = the bytes the kernel's chunk plan allocates (the per-pair
+    stats kept from the forward plus the backward's workspace)."""
+    from llip_scale.kernels.pairs import workspace_bytes
+    from llip_scale.model import model_config
+    from llip_scale.planning import pair_head_bytes
+
+    cfg = model_config(name)
+    saved, transient = pair_head_bytes(cfg, bi, bt, "triton", dtype.itemsize)
+    assert saved == 2 * bi * bt * 4
+    k, e, h = cfg.vision.num_tokens, cfg.head.embed_dim, cfg.head.num_heads
+    assert saved + transient == workspace_bytes(bi, bt, k, e, h, dtype)
