@@ -6,6 +6,7 @@ caption with its score: different captions should pick different mixture tokens.
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -65,8 +66,9 @@ def plot_mixing(weights: Tensor, captions: Sequence[str], scores: Sequence[float
 
     n, h, k = weights.shape
     cols = 2 if image is not None else 1
-    fig, axes = plt.subplots(n, cols, figsize=(3 + 0.25 * k + (3 if image is not None else 0), 1.2 + 0.9 * n),
-                             squeeze=False, gridspec_kw={"width_ratios": [1, 3] if cols == 2 else [1]})
+    # Room per caption row: its (wrapped) caption above the heat map, tick labels only at the bottom.
+    fig, axes = plt.subplots(n, cols, figsize=(4 + 0.3 * k + (3 if image is not None else 0), 1.0 + (1.0 + 0.15 * h) * n),
+                             squeeze=False, gridspec_kw={"width_ratios": [1, 3] if cols == 2 else [1], "hspace": 0.9})
     for row in range(n):
         if image is not None:
             ax = axes[row, 0]
@@ -75,8 +77,11 @@ def plot_mixing(weights: Tensor, captions: Sequence[str], scores: Sequence[float
         ax = axes[row, cols - 1]
         im = ax.imshow(weights[row].cpu().numpy(), vmin=0.0, vmax=float(weights.max()), cmap="viridis",
                        aspect="auto")
-        ax.set_title(f"{captions[row]}  (score {scores[row]:.2f})", fontsize=8, loc="left")
+        caption = textwrap.fill(textwrap.shorten(f"{captions[row]}  (score {scores[row]:.2f})", width=130,
+                                                 placeholder="..."), width=66)
+        ax.set_title(caption, fontsize=8, loc="left")
         ax.set_yticks(range(h))
+        ax.set_xticks(range(k) if row == n - 1 else [])
         ax.set_ylabel("head", fontsize=7)
         ax.tick_params(labelsize=6)
     axes[-1, cols - 1].set_xlabel("mixture token", fontsize=7)
