@@ -189,6 +189,23 @@ def broadcast_object(obj: object) -> object:
     return box[0]
 
 
+# What schedulers send to stop a job: Slurm sends SIGTERM (after SIGCONT) to every process of a
+# step on preemption, requeue and cancel, and the job's --signal (USR1/USR2 here) before the time
+# limit or, with preempt_send_user_signal, on preemption.
+STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
+
+
+def ignore_stop_signals(*_: object) -> None:
+    """Ignore the stop signals in this process from now on (also a DataLoader ``worker_init_fn``).
+
+    For processes that must not die of them: DataLoader workers (the training process decides),
+    and every task once its run has finished or saved (Python restores the default action,
+    termination, while it shuts down; an ignored signal stays ignored).
+    """
+    for name in STOP_SIGNALS:
+        signal.signal(signal.Signals[name], signal.SIG_IGN)
+
+
 class PreemptionFlag:
     """Set by a signal (Slurm sends SIGUSR1/2 or SIGTERM ahead of preemption or the time limit).
 
@@ -197,7 +214,7 @@ class PreemptionFlag:
     every rank at the same step even when only one rank received the signal.
     """
 
-    def __init__(self, signals: Sequence[str] = ("SIGUSR1", "SIGUSR2", "SIGTERM")):
+    def __init__(self, signals: Sequence[str] = STOP_SIGNALS):
         self.signals = [self._lookup(name) for name in signals]
         self.received: Optional[str] = None
         self._previous: dict[int, object] = {}

@@ -120,3 +120,37 @@ def test_iterating_again_continues_where_the_last_loop_stopped(data):
     first = _take(loader, 2)
     rest = _take(loader, 4)  # a new loop over the same loader (e.g. after an evaluation)
     assert all(_same(a, b) for a, b in zip(first + rest, full))
+
+
+def test_iterating_leaves_the_global_rng_alone(data):
+    """A checkpoint saves the global RNG state; starting the loader (as a resumed run does after
+    restoring it) must not draw from it, or the resumed run's RNG runs one draw ahead."""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    batches = iter(_loader(data, workers=1))
+    next(batches)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_workers_survive_the_stop_signals(data):
+    """Slurm signals every process of a job step; the training process decides, so a worker must
+    neither die of SIGTERM/USR1/USR2 nor break the batch order."""
+    import os
+    import signal
+    from pathlib import Path
+
+    def children() -> set[int]:
+        me = os.getpid()
+        return {int(p) for p in Path(f"/proc/{me}/task/{me}/children").read_text().split()}
+
+    full = _take(_loader(data, 1), 6)
+    others = children()
+    batches = iter(_loader(data, workers=1))
+    got = [next(batches)]
+    workers = children() - others
+    assert workers, "the loader started no worker process"
+    for pid in workers:
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            os.kill(pid, sig)
+    got += [next(batches) for _ in range(5)]
+    assert all(_same(a, b) for a, b in zip(got, full))

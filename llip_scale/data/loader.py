@@ -23,6 +23,7 @@ from llip_scale.data.config import DataConfig
 from llip_scale.data.shards import parse_sources, sources_fingerprint
 from llip_scale.data.stream import DataError, Stream, StreamSpec, merge_skipped, stream_seeds
 from llip_scale.data.tokenizer import Tokenizer
+from llip_scale.distributed import ignore_stop_signals
 
 log = logging.getLogger("llip_scale.data")
 STATE_VERSION = 1
@@ -129,9 +130,17 @@ class TrainLoader:
         if self.workers == 0:
             source: Iterator[tuple] = iter(dataset)
         else:
+            # A generator of its own: iter(DataLoader) draws the workers' base seed from it, not
+            # from the global RNG, whose state a checkpoint saves and a resume must reproduce.
+            # The streams are seeded explicitly, so this seed only feeds torch's worker RNGs.
+            # Workers ignore the stop signals a scheduler sends to every process of the job: only
+            # the training process decides (save at a step boundary, then exit); a worker killed
+            # by the signal would crash the loop first.
+            generator = torch.Generator().manual_seed(self.spec.seeds[0] + self._batches)
             source = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers,
                                      collate_fn=_no_collate, prefetch_factor=self.cfg.prefetch,
-                                     pin_memory=torch.cuda.is_available()))
+                                     pin_memory=torch.cuda.is_available(), generator=generator,
+                                     worker_init_fn=ignore_stop_signals))
         for item in source:
             if item[0] == "error":
                 raise DataError(item[1])
