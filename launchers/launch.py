@@ -7,6 +7,9 @@ RUN/config.yaml and a code snapshot (RUN/code) -> one of:
   local/submitit   submitit LocalExecutor: N processes on this machine, same code path;
   local/torchrun   torchrun --standalone --nproc_per_node N -m llip_scale.train RUN/config.yaml.
 Relaunching the same config into the same run folder resumes it (newest complete checkpoint).
+Before anything is written or submitted the data sources and the tokenizer are checked, so a
+wrong path fails here rather than after the queue wait. ``--wait`` follows a Slurm job through
+its requeues to its final state (exit 0 only for COMPLETED).
 """
 from __future__ import annotations
 
@@ -102,7 +105,20 @@ def prepare_run(cfg: Config) -> tuple[Path, Path, Path]:
     return run_dir, config_path, snapshot_code(run_dir)
 
 
-def submit(cfg: Config, wait: bool = False):
+def check_inputs(cfg: Config) -> list[str]:
+    """Fail (ConfigError) when the run could not read its data or tokenizer; return warnings."""
+    from llip_scale.train import build_tokenizer, check_data
+
+    check_data(cfg)
+    build_tokenizer(cfg)
+    lc = cfg.launcher
+    if lc.kind == "slurm" and not lc.gpus_per_node:
+        return [f"launcher.gpus_per_node=0: the Slurm job asks for no GPU and trains on {lc.tasks} CPU task(s) per "
+                "node; set launcher.gpus_per_node (e.g. 8) to train on GPUs"]
+    return []
+
+
+def submit(cfg: Config):
     """Launch ``cfg`` as configured; returns the submitit job (or torchrun's exit code)."""
     from llip_scale.launchers.job import TrainJob
 
@@ -115,10 +131,26 @@ def submit(cfg: Config, wait: bool = False):
         job = local_executor(cfg, run_dir, code_dir).submit(TrainJob(str(config_path)))
     else:
         job = slurm_executor(cfg, run_dir, code_dir).submit(TrainJob(str(config_path)))
-    print(f"submitted job {job.job_id}; run folder {run_dir}; logs in {run_dir / SUBMITIT_DIR}")
-    if wait:
-        job.wait()
+    print(f"submitted job {job.job_id}; run folder {run_dir}; logs in {run_dir / SUBMITIT_DIR}", flush=True)
     return job
+
+
+def wait_for(job, cfg: Config) -> int:
+    """Wait for a submitted job's final state; 0 when it completed."""
+    if cfg.launcher.kind == "slurm":
+        from llip_scale.launchers.slurm import wait_for_job
+
+        state = wait_for_job(job.job_id, report=lambda line: print(f"llip-launch: {line}", flush=True))
+        if state != "COMPLETED":
+            print(f"llip-launch: job {job.job_id} ended {state}; see the logs in {Path(cfg.run_dir) / SUBMITIT_DIR}",
+                  file=sys.stderr)
+        return 0 if state == "COMPLETED" else 1
+    try:
+        job.result()  # waits; raises what the job raised
+    except Exception as e:  # noqa: BLE001 - any failure of the job is reported the same way
+        print(f"llip-launch: job {job.job_id} failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def dry_run(cfg: Config) -> str:
@@ -138,18 +170,28 @@ def cli(argv: Optional[list[str]] = None) -> int:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--dry-run", action="store_true", help="print the job (for Slurm the sbatch script) and exit")
-    p.add_argument("--wait", action="store_true", help="wait for a submitit job to finish")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for the job's final state, through its requeues; exit 1 unless it completed")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"llip-launch: config error: {e}", file=sys.stderr)
         return 2
+    try:
+        warnings = check_inputs(cfg)
+    except ConfigError as e:
+        print(f"llip-launch: config error: {e}", file=sys.stderr)
+        return 2
+    for line in warnings:
+        print(f"llip-launch: warning: {line}", file=sys.stderr)
     if args.dry_run:
         print(dry_run(cfg))
         return 0
-    result = submit(cfg, wait=args.wait)
-    return result if isinstance(result, int) else 0
+    result = submit(cfg)
+    if isinstance(result, int):
+        return result
+    return wait_for(result, cfg) if args.wait else 0
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from llip_scale.config import Config, ConfigError, load_config, save_config, to_dict
+from llip_scale.distributed import PreemptionFlag, ignore_stop_signals, launch_env
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_PREEMPTED = 0, 1, 2, 75
 
@@ -44,6 +45,8 @@ class TrainState:
     nonfinite_streak: int = 0
     data: Any = None  # the data state after the last consumed batch
     skipped_samples: dict = field(default_factory=dict)  # reason -> count over all ranks, last logged
+    # Losses of the updates since the last logged line: a resumed run logs the same averages.
+    pending_losses: list = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,8 +66,6 @@ def prepare(args: argparse.Namespace) -> Config:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from llip_scale.distributed import launch_env
-
     args = parse_args(argv)
     rank = launch_env()[0]
     try:
@@ -79,8 +80,13 @@ def cli(argv: list[str] | None = None) -> int:
     if rank == 0:
         save_config(cfg, Path(cfg.run_dir) / "config.yaml")
     name = "llip-train" if rank == 0 else f"llip-train[rank {rank}]"
+    # Listening from here to the exit: a signal after the last step sets the (unread) flag, then
+    # it is ignored; no signal finds the default action (termination) while the process exits.
+    preempt = PreemptionFlag(cfg.distributed.preempt_signals).install()
     try:
-        return main(cfg)
+        code = main(cfg, preempt)
+        ignore_stop_signals()
+        return code
     except ConfigError as e:
         print(f"{name}: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -264,19 +270,29 @@ def write_summary(cfg: Config, state: TrainState, final: dict[str, float], statu
 # the loop
 # ---------------------------------------------------------------------------------------------
 
-def main(cfg: Config) -> int:
+def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
+    """Train ``cfg`` to its last step or to a stop signal. ``preempt``: a flag the caller installed
+    (and keeps installed after the return, so no signal finds the default action); without
+    one, main installs its own and restores the previous handlers when it returns."""
     from llip_scale import checkpoint
-    from llip_scale.distributed import PreemptionFlag, agree, all_gather_with_grad, barrier, init_distributed
+    from llip_scale.buildlock import clear_stale_locks
+    from llip_scale.distributed import agree, all_gather_with_grad, barrier, init_distributed
     from llip_scale.engine import clamp_logit_scale, compute_dtype, initialize, local_batch_size, step_optimizer
     from llip_scale.flops import train_flops_per_sample
     from llip_scale.metrics import MetricsWriter, Progress, StepMeter
 
     env = init_distributed(cfg.distributed.backend)
     setup_logging(env.rank)
+    # Listen from the start: a signal during start-up stops the run after its first step.
+    own_flag = preempt is None
+    preempt = PreemptionFlag(cfg.distributed.preempt_signals).install() if own_flag else preempt
     check_data(cfg)
     tokenizer = build_tokenizer(cfg)
     b_local = local_batch_size(cfg, env.world_size)
 
+    if env.local_rank == 0:  # before any rank of this machine loads a run-time built extension
+        clear_stale_locks(report=log.warning)
+    barrier()
     seed_all(cfg.seed)  # the same initial weights on every rank
     engine = initialize(cfg, env)
     seed_all(cfg.seed + 1 + env.rank)  # anything random during training differs per rank
@@ -293,12 +309,10 @@ def main(cfg: Config) -> int:
     meter = StepMeter(cfg.batch_size, flops, env.world_size * cfg.logging.peak_tflops * 1e12)
     writer = MetricsWriter(cfg.run_dir, env.is_main, cfg.logging.tensorboard, state.step)
     progress = Progress(cfg.steps, state.step, cfg.logging.progress, env.is_main)
-    preempt = PreemptionFlag(cfg.distributed.preempt_signals).install()
     dtype = compute_dtype(cfg)
     log.info("run %s: %s, %d ranks, ZeRO-%d, %s, step %d of %d", cfg.run_dir, cfg.model.name, env.world_size,
              cfg.distributed.zero_stage, cfg.distributed.precision, state.step, cfg.steps)
 
-    losses: list[float] = []
     scale = bias = gnorm = lr = float("nan")
     final: dict[str, float] = {}
     status = "done"
@@ -320,7 +334,7 @@ def main(cfg: Config) -> int:
                 scale, bias = clamp_logit_scale(engine)
                 state.updates += 1
                 state.nonfinite_streak = 0
-                losses.append(verdict.loss)
+                state.pending_losses.append(verdict.loss)
             state.step += 1
             state.data = batch.state
             meter.stepped()
@@ -328,6 +342,7 @@ def main(cfg: Config) -> int:
             # -- metrics ------------------------------------------------------------------------
             if due(state.step, cfg.logging.every, cfg.steps):
                 state.skipped_samples = skipped_samples(batch)
+                losses = state.pending_losses
                 scalars = {"train/loss": sum(losses) / len(losses) if losses else float("nan"),
                            "train/lr": lr, "train/logit_scale": math.exp(scale),
                            "train/logit_bias": bias, "train/grad_norm": gnorm,
@@ -335,7 +350,7 @@ def main(cfg: Config) -> int:
                            **{f"data/skipped/{k}": v for k, v in state.skipped_samples.items()}}
                 writer.write(state.step, scalars)
                 progress.update(state.step, scalars)
-                losses.clear()
+                state.pending_losses = []
 
             # -- evaluation, checkpoint, preemption ---------------------------------------------
             if due(state.step, cfg.eval.every, cfg.steps) or state.step == cfg.steps:
@@ -358,7 +373,8 @@ def main(cfg: Config) -> int:
         if status == "done" and not final:  # resumed at the end: report its numbers again
             final = evaluate(engine, cfg, env, tokenizer)
     finally:
-        preempt.restore()
+        if own_flag:
+            preempt.restore()
         progress.close()
         writer.close()
 

@@ -51,3 +51,36 @@ def test_bad_launcher_settings_fail_before_submission(override, message, tmp_pat
                            f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.shards="], "data.shards is empty"),
+    (["data.shards={root}/missing-{{0..3}}.tar"], "4 of 4 shard(s) do not exist"),
+    (["data.tokenizer={root}/missing.model"], "data.tokenizer: file"),
+])
+def test_inputs_are_checked_before_submitting(tmp_path, demo_data, capsys, overrides, message):
+    """A wrong data or tokenizer path fails at once, not after the queue wait; nothing is written."""
+    from llip_scale.launchers.launch import cli
+
+    good = [f"data.shards={demo_data / 'train'}", f"data.tokenizer={demo_data / 'tokenizer.model'}",
+            f"eval.zeroshot_dir={demo_data / 'eval'}", f"eval.retrieval_dir={demo_data / 'eval'}"]
+    bad = [o.format(root=tmp_path) for o in overrides]
+    for dry in ([], ["--dry-run"]):
+        code = cli(["experiments/demo.yaml", f"run_dir={tmp_path / 'run'}", "launcher.kind=slurm", *good, *bad,
+                    *dry])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, err
+        assert len([line for line in err.splitlines() if "config error" in line]) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_slurm_job_without_gpus_is_warned_about(tmp_path, demo_data, capsys):
+    from llip_scale.launchers.launch import cli
+
+    args = ["experiments/demo.yaml", f"run_dir={tmp_path / 'run'}", "launcher.kind=slurm",
+            f"data.shards={demo_data / 'train'}", f"data.tokenizer={demo_data / 'tokenizer.model'}",
+            f"eval.zeroshot_dir={demo_data / 'eval'}", f"eval.retrieval_dir={demo_data / 'eval'}"]
+    assert cli([*args, "--dry-run"]) == 0
+    assert "warning: launcher.gpus_per_node=0: the Slurm job asks for no GPU" in capsys.readouterr().err
+    assert cli([*args, "launcher.gpus_per_node=8", "--dry-run"]) == 0
+    assert "warning" not in capsys.readouterr().err
