@@ -6,18 +6,23 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 export PYTHONUNBUFFERED := 1
+# Run-time built extensions (DeepSpeed ops) next to the environment whose headers built them:
+# checkouts with their own environments do not rebuild or lock each other's builds.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 BENCH_DEVICE ?= cpu
 
 .PHONY: venv demo test bench clean
 
 venv: $(STAMP)
 
-# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build. DeepSpeed's
+# run-time built ops are built here rather than in the first (possibly killed) job.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -c "from llip_scale.engine import prebuild_ops; print('built:', *prebuild_ops())"
 	touch $(STAMP)
 
 demo: venv

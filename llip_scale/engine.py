@@ -173,6 +173,19 @@ def _scalar_parameters_safe() -> Iterator[None]:
         deepspeed.DeepSpeedEngine._broadcast_model = engine_broadcast
 
 
+def prebuild_ops() -> list[str]:
+    """Build the DeepSpeed ops a run loads at start (on the CPU, the shared-memory communication
+    op), so that jobs load them instead of building them: a job killed while building leaves a
+    lock behind (see :mod:`llip_scale.buildlock`). Returns the names of the ops built or found."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return []
+    builder.load(verbose=False)
+    return [builder.NAME]
+
+
 def initialize(cfg: Config, env: DistEnv) -> Engine:
     """Model + AdamW + schedule wrapped in a DeepSpeed engine for this rank."""
     # DeepSpeed's own comm layer wraps the process group we already set up (zero.Init reads the
