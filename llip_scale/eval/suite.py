@@ -1,13 +1,13 @@
 """Benchmark suite: one model over several evaluation sets in their native layouts.
 
 ``NAME=ROOT`` specs -> every set read and checked first (:mod:`llip_scale.eval.datasets`; a bad
-one fails before the model runs) -> per set: images decoded by DataLoader workers and encoded
-once (a progress line with images/s) ->
-  classification: class names x templates -> one Llip query/target per class -> every image
-  against every class through the model's pair backend (per-class mixing) -> top-1 / top-5;
-  retrieval: captions encoded once -> image x caption scores through the pair backend ->
-  R@1/5/10 both ways
--> one row per set -> a report (the model and protocol named) as JSON and a Markdown table,
+one fails before the model runs) -> per set, the text side first:
+  classification: class names x templates -> one Llip query/target per class;
+  retrieval: every caption -> its query/target;
+-> image batches decoded by DataLoader workers -> vision tower -> each batch scored at once
+against all texts through the model's pair backend (per-class mixing: every image against every
+class query), keeping only the [N_images, N_texts] scores (a progress line with images/s) ->
+top-1 / top-5, or R@1/5/10 both ways -> one row per set -> a report (the model and protocol named) as JSON and a Markdown table,
 rewritten after every set so that a later failure loses nothing already computed.
 """
 from __future__ import annotations
@@ -17,14 +17,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, TextIO
+from typing import Callable, Optional, Sequence, TextIO
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from llip_scale.eval.datasets import Benchmark, BenchmarkImages, Classification, DatasetError, load_benchmark
-from llip_scale.eval.encode import Features, encode_images, encode_texts, score_all
+from llip_scale.eval.datasets import (Benchmark, BenchmarkImages, Classification, DatasetError, Retrieval,
+                                      load_benchmark)
+from llip_scale.eval.encode import Features, encode_texts
 from llip_scale.eval.retrieval import recall_at_k
 from llip_scale.eval.zeroshot import class_features, topk_accuracy
 
@@ -35,11 +36,12 @@ RECALL_KS = (1, 5, 10)
 class Progress:
     """``label: done/total images, N images/s`` on one line (rewritten in place on a terminal)."""
 
-    def __init__(self, label: str, total: int, stream: Optional[TextIO] = None, every: float = 2.0):
-        self.label, self.total, self.stream, self.every = label, total, stream or sys.stderr, every
+    def __init__(self, label: str, total: int, stream: Optional[TextIO] = None, every: Optional[float] = None):
+        self.label, self.total, self.stream = label, total, stream or sys.stderr
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.every = every if every is not None else (1.0 if self.tty else 10.0)  # a log file gets fewer lines
         self.done, self.start = 0, time.perf_counter()
         self.last = self.start
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
 
     @property
     def rate(self) -> float:
@@ -59,38 +61,45 @@ class Progress:
             self.stream.write("\n")
 
 
-class _Timed:
-    """Batches from a DataLoader of :class:`BenchmarkImages`; raises the first bad image and
-    measures the time the consumer (the model) spends between batches."""
-
-    def __init__(self, loader: DataLoader, progress: Progress):
-        self.loader, self.progress, self.model_seconds = loader, progress, 0.0
-
-    def __iter__(self) -> Iterator[Tensor]:
-        for images, errors in self.loader:
-            bad = [e for e in errors if e]
-            if bad:
-                raise DatasetError(f"{bad[0]}{f' (and {len(bad) - 1} more in this batch)' if len(bad) > 1 else ''}")
-            start = time.perf_counter()
-            yield images
-            self.model_seconds += time.perf_counter() - start
-            self.progress.update(len(images))
+def _check(errors: Sequence[str]) -> None:
+    bad = [e for e in errors if e]
+    if bad:
+        raise DatasetError(f"{bad[0]}{f' (and {len(bad) - 1} more in this batch)' if len(bad) > 1 else ''}")
 
 
-def encode_benchmark_images(model, bench: Benchmark, image_size: int, device: torch.device, batch_size: int,
-                            workers: int, stream: Optional[TextIO] = None) -> tuple[Features, dict[str, float]]:
-    """Image features of a set, and its timings (wall, model, images/s)."""
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # time the kernels, not their launch
+    return time.perf_counter()
+
+
+@torch.no_grad()
+def stream_scores(model, bench: Benchmark, text_features: Features, image_size: int, device: torch.device,
+                  batch_size: int, workers: int = 0, stream: Optional[TextIO] = None
+                  ) -> tuple[Tensor, dict[str, float]]:
+    """Scores [N_images, N_texts]: image batches from the DataLoader workers are encoded and at
+    once scored against all texts through the pair head, so only the scores are kept. Timings:
+    wall, vision tower, scoring (the per-text mixing) and images/s."""
     loader = DataLoader(BenchmarkImages(bench.source, image_size), batch_size=batch_size, num_workers=workers)
+    text = tuple(f.to(device) for f in text_features)
     progress = Progress(bench.name, len(bench.source), stream)
-    timed = _Timed(loader, progress)
-    start = time.perf_counter()
+    rows, vision, mixing = [], 0.0, 0.0
+    start = _clock(device)
     try:
-        feats = encode_images(model, timed, device)
+        for images, errors in loader:
+            _check(errors)
+            t0 = _clock(device)
+            feats = model.encode_image(images.to(device))
+            t1 = _clock(device)
+            rows.append(model.score(feats, text).float().cpu())
+            t2 = _clock(device)
+            vision, mixing = vision + t1 - t0, mixing + t2 - t1
+            progress.update(len(images))
     finally:
         progress.close()
-    wall = time.perf_counter() - start
-    return feats, {"images_wall": wall, "images_model": timed.model_seconds,
-                   "images_per_s": len(bench.source) / max(wall, 1e-9)}
+    wall = _clock(device) - start
+    return torch.cat(rows), {"images_wall": wall, "vision": vision, "scores": mixing,
+                             "images_per_s": len(bench.source) / max(wall, 1e-9)}
 
 
 def _timed(fn: Callable, seconds: dict, key: str):
@@ -104,22 +113,23 @@ def classification_scores(model, tokenize: Tokenize, bench: Classification, imag
                           batch_size: int, workers: int = 0, stream: Optional[TextIO] = None
                           ) -> tuple[Tensor, dict[str, float]]:
     """Scores [N_images, N_classes]: each image mixed for each class through the pair head."""
-    images, seconds = encode_benchmark_images(model, bench, image_size, device, batch_size, workers, stream)
+    seconds: dict[str, float] = {}
     classes = _timed(lambda: class_features(model, bench.classnames, bench.templates, tokenize, device),
                      seconds, "classes")
-    scores = _timed(lambda: score_all(model, images, classes, device, block=batch_size), seconds, "scores")
-    return scores, seconds
+    scores, timing = stream_scores(model, bench, classes, image_size, device, batch_size, workers, stream)
+    return scores, {**timing, **seconds}
 
 
-def retrieval_scores(model, tokenize: Tokenize, bench, image_size: int, device: torch.device, batch_size: int,
-                     workers: int = 0, stream: Optional[TextIO] = None) -> tuple[Tensor, Tensor, dict[str, float]]:
+def retrieval_scores(model, tokenize: Tokenize, bench: Retrieval, image_size: int, device: torch.device,
+                     batch_size: int, workers: int = 0, stream: Optional[TextIO] = None
+                     ) -> tuple[Tensor, Tensor, dict[str, float]]:
     """Scores [N_images, N_captions], the image of each caption, and the timings."""
-    images, seconds = encode_benchmark_images(model, bench, image_size, device, batch_size, workers, stream)
     captions = [c for caps in bench.captions for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(bench.captions) for _ in caps])
+    seconds: dict[str, float] = {}
     texts = _timed(lambda: encode_texts(model, tokenize(captions), device), seconds, "captions")
-    scores = _timed(lambda: score_all(model, images, texts, device, block=batch_size), seconds, "scores")
-    return scores, owner, seconds
+    scores, timing = stream_scores(model, bench, texts, image_size, device, batch_size, workers, stream)
+    return scores, owner, {**timing, **seconds}
 
 
 def evaluate_benchmark(model, tokenize: Tokenize, bench: Benchmark, image_size: int, device: torch.device,
