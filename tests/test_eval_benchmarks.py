@@ -118,6 +118,7 @@ def test_imagenet_r_and_a_keep_to_their_200_classes(tmp_path):
         load_benchmark("imagenet-r", tmp_path / "r")
     imagenet_folders(tmp_path / "a", {a_only: [RED]})
     assert load_benchmark("imagenet-a", tmp_path / "a").classnames == ["American robin"]
+    assert load_benchmark("imagenet-sketch", tmp_path / "a").classnames == ["American robin"]  # any of the 1000
 
 
 def test_imagenet_layout_problems_are_one_line_each(tmp_path):
@@ -153,9 +154,10 @@ def write_cifar10(root: Path, colours, labels) -> Path:
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     with open(folder / "test_batch", "wb") as f:  # bytes keys, as Python 3 reads the distributed pickles
-        pickle.dump({b"batch_label": b"testing batch 1 of 1", b"data": cifar_pixels(colours), b"labels": labels}, f)
+        pickle.dump({b"batch_label": b"testing batch 1 of 1", b"data": cifar_pixels(colours), b"labels": labels}, f,
+                    protocol=2)
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [n.encode() for n in CIFAR10], b"num_vis": 3072}, f)
+        pickle.dump({b"label_names": [n.encode() for n in CIFAR10], b"num_vis": 3072}, f, protocol=2)
     return root
 
 
@@ -175,9 +177,9 @@ def test_cifar100_fine_labels_and_names_without_underscores(tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     names = ["apple", "aquarium_fish", "maple_tree"]
-    with open(folder / "test", "wb") as f:  # str keys also work
+    with open(folder / "test", "wb") as f:  # str keys and the newest protocol also work
         pickle.dump({"data": cifar_pixels([RED, GREEN, BLUE, BLUE]), "fine_labels": [0, 1, 2, 1],
-                     "coarse_labels": [2, 2, 2, 2]}, f)
+                     "coarse_labels": [2, 2, 2, 2]}, f, protocol=5)
     with open(folder / "meta", "wb") as f:
         pickle.dump({"fine_label_names": names, "coarse_label_names": ["a", "b", "c"]}, f)
     row = run(ColourModel({"apple": RED, "aquarium fish": GREEN, "maple tree": BLUE}), "cifar100", folder)
@@ -388,6 +390,30 @@ def test_llip_eval_datasets_table_json_and_progress(tmp_path, demo_data, capsys)
     assert table in captured.out
     assert "| cifar10 | 10 | 10 | 18 |" in table and "| coco | 3 | 15 |" in table
     assert "K=8, H=4" in table.splitlines()[0]
+
+
+def test_llip_eval_on_an_imported_official_checkpoint_finds_its_bpe_file(tmp_path, capsys):
+    import gzip
+
+    import yaml
+    from test_scale_official import SMALL, _tool, official_layout
+
+    merges = tmp_path / "bpe_simple_vocab_16e6.txt.gz"
+    with gzip.open(merges, "wt", encoding="utf-8") as f:
+        f.write("#version: 0.2\nr e\nre d</w>\n")  # 512 byte symbols + 2 merges + 2 specials: end token 515
+    text = {**SMALL["text"], "vocab_size": 516, "eot_id": 515}
+    config = tmp_path / "small.yaml"
+    config.write_text(yaml.safe_dump({"model": {**SMALL, "text": text, "name": "small"}}))
+    torch.save(official_layout(SMALL["vision"], text, 32, False), tmp_path / "llip.pt")
+    out = tmp_path / "imported"
+    assert _tool().main([str(tmp_path / "llip.pt"), str(out), "--config", str(config), "--bpe-vocab", str(merges)]) == 0
+    write_cifar10(tmp_path / "cifar", GREYS, list(range(10)))
+    args = [str(out), "--dataset", f"cifar10={tmp_path / 'cifar'}", "--workers", "0", "--batch-size", "4"]
+    assert llip_eval(args + ["--json", str(tmp_path / "r.json")]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["model"]["name"] == "small" and report["results"][0]["images"] == 10
+    (out / merges.name).unlink()  # the imported config names no tokenizer: the copied merges file was used
+    assert llip_eval(args) == 2 and "no tokenizer" in capsys.readouterr().err
 
 
 def test_llip_eval_dataset_problems_are_one_line_before_the_model_loads(tmp_path, capsys):
