@@ -87,7 +87,8 @@ def test_imagenet_evaluates_the_wnid_folders_present_with_the_shipped_names_and_
     assert row["top1"] == pytest.approx(6 / 7) and row["top5"] == 1.0  # one tench painted green
     assert row["task"] == "zero-shot classification" and row["seconds"]["images_per_s"] > 0
     templates = asset_lines("imagenet_templates.txt")
-    assert set(model.prompts) == {t.replace("{}", c) for t in templates for c in ("tench", "goldfish", "great white shark")}
+    names = ("tench", "goldfish", "great white shark")
+    assert set(model.prompts) == {t.replace("{}", c) for t in templates for c in names}
 
 
 def test_shipped_imagenet_data():
@@ -446,3 +447,20 @@ def test_a_built_wheel_ships_the_eval_assets(tmp_path):
     for asset in ("imagenet_classnames.txt", "imagenet_wnids.txt", "imagenet_templates.txt", "imagenet_r_wnids.txt",
                   "imagenet_a_wnids.txt", "cifar_templates.txt"):
         assert f"llip_scale/eval/assets/{asset}" in names
+
+
+def test_batch_size_follows_free_memory_and_model_size(monkeypatch):
+    from llip_scale.model import model_config
+
+    tiny, b16 = model_config("tiny"), model_config("b16")
+    monkeypatch.setattr(suite, "available_bytes", lambda device: 4e9)
+    small, large = suite.auto_batch_size(b16, CPU, workers=2), suite.auto_batch_size(tiny, CPU, workers=2)
+    assert 1 < small < large
+    # The working set of the chosen batch fits in a quarter of the free memory; one more image would not.
+    per_image = suite.image_batch_bytes(b16, 2)
+    assert small * per_image <= 1e9 < (small + 1) * per_image
+    monkeypatch.setattr(suite, "available_bytes", lambda device: 1e3)
+    assert suite.auto_batch_size(b16, CPU, workers=2) == 1
+    monkeypatch.setattr(suite, "available_bytes", lambda device: 1e15)
+    assert suite.auto_batch_size(tiny, CPU, workers=2) == 512
+    assert suite.available_bytes(CPU) > 0

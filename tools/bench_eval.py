@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         root = write_imagenet(Path(tmp), args.images, tuple(args.image_px))
-        print(f"wrote {args.images} JPEGs in 1000 class folders in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        print(f"wrote {args.images} JPEGs in 1000 class folders in {time.perf_counter() - start:.1f} s",
+              file=sys.stderr)
         rows = [bench_model(m, root, args.batch_size, args.workers, args.templates, args.backend) for m in args.models]
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
            "cpu": platform.processor() or platform.machine(), "load_average": [round(x, 2) for x in os.getloadavg()]}

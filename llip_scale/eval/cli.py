@@ -8,8 +8,9 @@ ZeRO stage: consolidated offline, in one process), an exported folder or one wri
   (:mod:`llip_scale.eval.datasets`), all checked before the model is loaded -> one row per set
   (:mod:`llip_scale.eval.suite`) -> a Markdown table on stdout, ``--markdown`` / ``--json`` files
   rewritten after every set;
-- ``--zeroshot`` / ``--retrieval`` folders (default: the run's ``eval`` config) in the layout of
-  ``tools/make_demo_data.py`` -> metrics printed and, with ``--json``, written.
+- ``--zeroshot`` / ``--retrieval`` folders in the layout of ``tools/make_demo_data.py`` (without
+  ``--dataset``, by default the run's ``eval`` folders) -> metrics printed and, with ``--json``,
+  written.
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         benches = load_benchmarks([parse_spec(s) for s in args.dataset])  # fail before loading the model
         device = torch.device(args.device)
         model, config = load_for_eval(args.path, device, args.backend)
-        ev = config.get("eval") or {}
+        ev = {} if benches else config.get("eval") or {}  # the run's own eval folders only when nothing else is asked
         zs, rt = args.zeroshot or ev.get("zeroshot_dir", ""), args.retrieval or ev.get("retrieval_dir", "")
         if not (benches or zs or rt):
             raise ValueError("say what to evaluate: --dataset NAME=ROOT and/or --zeroshot DIR / --retrieval DIR")

@@ -114,7 +114,8 @@ class BenchmarkImages(Dataset):
         try:
             return eval_image(self.source.read(i), self.image_size), ""
         except (BadImage, OSError) as e:
-            return torch.zeros(3, self.image_size, self.image_size), f"{self.source.name(i)}: not a readable image ({e})"
+            blank = torch.zeros(3, self.image_size, self.image_size)
+            return blank, f"{self.source.name(i)}: not a readable image ({e})"
 
 
 @dataclass
@@ -183,7 +184,7 @@ def load_imagenet(name: str, root: Path) -> Classification:
     """Folders of class images; the classes are the folders present, in ImageNet order."""
     sub, subset, by_index = IMAGENET_VARIANTS[name]
     where = root / sub if sub else root
-    layout = f"{root}/{sub + '/' if sub else ''}<wnid>/*.JPEG"
+    layout = f"{root}/{sub + '/' if sub else ''}{'<class index 0..999 or wnid>' if by_index else '<wnid>'}/*.JPEG"
     if not where.is_dir():
         raise DatasetError(f"{name}: folder {where} does not exist; expected {layout}")
     classes = imagenet_classes()
@@ -347,7 +348,8 @@ def _wds_samples(shards: Sequence[Path]) -> list[dict[str, tuple[Path, int, int,
                         continue
                     folder, _, base = m.name.rpartition("/")
                     key, _, ext = base.partition(".")
-                    samples.setdefault(f"{shard}/{folder}/{key}", {})[ext.lower()] = (shard, m.offset_data, m.size, m.name)
+                    sample = samples.setdefault(f"{shard}/{folder}/{key}", {})
+                    sample[ext.lower()] = (shard, m.offset_data, m.size, m.name)
         except (tarfile.TarError, OSError) as e:
             raise DatasetError(f"wds: {shard} is not a readable tar ({e}); expected a webdataset shard") from None
     return list(samples.values())
@@ -377,7 +379,8 @@ def load_wds(name: str, root: Path, split: str = "test") -> Benchmark:
     try:
         labels = [int(t) for t in texts]
     except ValueError:
-        raise DatasetError(f"wds: a 'cls' member in {shards[0].parent} is not an integer; expected the class index") from None
+        raise DatasetError(f"wds: a 'cls' member in {shards[0].parent} is not an integer; "
+                           "expected the class index") from None
     if not all(0 <= y < len(classnames) for y in labels):
         raise DatasetError(f"wds: a 'cls' label is outside 0..{len(classnames) - 1} "
                            f"(the lines of {root / 'classnames.txt'})")

@@ -7,8 +7,9 @@ one fails before the model runs) -> per set, the text side first:
 -> image batches decoded by DataLoader workers -> vision tower -> each batch scored at once
 against all texts through the model's pair backend (per-class mixing: every image against every
 class query), keeping only the [N_images, N_texts] scores (a progress line with images/s) ->
-top-1 / top-5, or R@1/5/10 both ways -> one row per set -> a report (the model and protocol named) as JSON and a Markdown table,
-rewritten after every set so that a later failure loses nothing already computed.
+top-1 / top-5, or R@1/5/10 both ways -> one row per set -> a report (the model and protocol
+named) as JSON and a Markdown table, rewritten after every set so that a later failure loses
+nothing already computed.
 """
 from __future__ import annotations
 
@@ -201,7 +202,8 @@ def protocol(model, device: torch.device) -> dict:
         "retrieval": ("every image mixed for every caption (pair-head scores); R@k both ways, an image is a hit "
                       "if any of its captions is in its top k" if llip else
                       "cosine scores; R@k both ways, an image is a hit if any of its captions is in its top k"),
-        "scores": f"pair backend {resolve_backend(model.head.backend, device)}" if llip else "dot products of unit vectors",
+        "scores": (f"pair backend {resolve_backend(model.head.backend, device)}" if llip
+                   else "dot products of unit vectors"),
         "images": (f"resize the short side to {model.cfg.vision.image_size} (bicubic), center crop, "
                    "OpenAI CLIP mean/std"),
     }
