@@ -1,1 +1,1 @@
-"""Evaluation: zero-shot classification and retrieval."""
+"""Evaluation: zero-shot classification and retrieval; benchmark sets in their native layouts (``datasets``, ``suite``)."""
