@@ -36,6 +36,7 @@ bench: venv
 	$(PY) tools/profile_pooler.py --device $(BENCH_DEVICE) --out benchmarks/pairs_$(BENCH_DEVICE)
 	$(PY) tools/bench_loader.py --json benchmarks/loader_cpu.json
 	$(PY) tools/bench_train.py --json benchmarks/train_cpu.json
+	$(PY) tools/bench_eval.py --json benchmarks/eval_cpu.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

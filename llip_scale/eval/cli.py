@@ -1,14 +1,22 @@
-"""``llip-eval PATH``: zero-shot and retrieval for a training run, checkpoint or exported model.
+"""``llip-eval MODEL``: zero-shot and retrieval for a training run, checkpoint, export or imported model.
 
-PATH -> a run folder (its newest complete checkpoint), a ``step_*`` checkpoint folder (any
-ZeRO stage: consolidated offline, in one process) or an exported folder -> the model -> the
-evaluation folders (from the flags, else the run's ``eval`` config) -> metrics printed and, with
-``--json``, written.
+MODEL -> a run folder (its newest complete checkpoint), a ``step_*`` checkpoint folder (any
+ZeRO stage: consolidated offline, in one process), an exported folder or one written by
+``tools/import_official.py`` -> the model and its tokenizer. Then either or both of:
+
+- ``--dataset NAME=ROOT`` (repeatable): benchmark sets in their native layouts
+  (:mod:`llip_scale.eval.datasets`), all checked before the model is loaded -> one row per set
+  (:mod:`llip_scale.eval.suite`) -> a Markdown table on stdout, ``--markdown`` / ``--json`` files
+  rewritten after every set;
+- ``--zeroshot`` / ``--retrieval`` folders in the layout of ``tools/make_demo_data.py`` (without
+  ``--dataset``, by default the run's ``eval`` folders) -> metrics printed and, with ``--json``,
+  written.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -48,39 +56,92 @@ def load_for_eval(path: Path, device: torch.device, backend: str) -> tuple[torch
         return load_pretrained(tmp, device, backend), config
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def resolve_tokenizer(args: argparse.Namespace, config: dict, model, path: Path):
+    """CLIP BPE (``--bpe-vocab``, or the merges file an imported folder holds) or sentencepiece
+    (``--tokenizer``, or the run's ``data.tokenizer``)."""
+    from llip_scale.tokenizers import build_tokenizer
+
+    ctx = model.cfg.text.context_length
+    spm = args.tokenizer or (config.get("data") or {}).get("tokenizer")
+    bpe = args.bpe_vocab
+    if not bpe and not spm:
+        found = sorted((path if path.is_dir() else path.parent).glob("bpe_simple_vocab*.txt.gz"))
+        bpe = found[0] if found else None
+    if not bpe and not spm:
+        raise ValueError("no tokenizer: pass --tokenizer FILE (sentencepiece) or --bpe-vocab FILE (CLIP BPE merges)")
+    for f in (bpe, spm):
+        if f and not Path(f).is_file():
+            raise FileNotFoundError(f"tokenizer file {f} does not exist; fix the path")
+    return build_tokenizer(ctx, bpe_vocab=bpe) if bpe else build_tokenizer(ctx, spm_model=spm)
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="llip-eval", description=__doc__.splitlines()[0])
-    p.add_argument("path", type=Path)
+    p.add_argument("path", type=Path, help="run folder, checkpoint folder, export or imported official model")
+    p.add_argument("--dataset", action="append", default=[], metavar="NAME=ROOT",
+                   help="benchmark set in its native layout (repeatable): imagenet1k, imagenet-v2, imagenet-r, "
+                        "imagenet-a, imagenet-sketch, cifar10, cifar100, coco, flickr30k, wds")
     p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the run's data.tokenizer)")
+    p.add_argument("--bpe-vocab", default=None, help="CLIP BPE merges file (bpe_simple_vocab_16e6.txt.gz)")
     p.add_argument("--zeroshot", default=None, help="zero-shot folder (default: the run's eval.zeroshot_dir)")
     p.add_argument("--retrieval", default=None, help="retrieval folder (default: the run's eval.retrieval_dir)")
     p.add_argument("--taus", type=float, nargs="*", default=None, help="also evaluate zero-shot at these taus")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default: sized from the free memory for --dataset, 64 otherwise)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", default="auto", help="pair backend: auto, chunked, triton, reference")
-    p.add_argument("--json", default=None, help="also write the metrics to this file")
-    args = p.parse_args(argv)
-    from llip_scale.data import Tokenizer
+    p.add_argument("--json", default=None, help="also write the metrics (with --dataset: the report) to this file")
+    p.add_argument("--markdown", default=None, help="with --dataset: also write the table to this file")
+    return p.parse_args(argv)
+
+
+def run_benchmarks(args: argparse.Namespace, benches: list, model, tokenizer, device: torch.device,
+                   extra: dict) -> str:
+    """The suite over ``benches``; the report is written after every set. Returns the table."""
+    from llip_scale.eval import suite
+
+    batch = args.batch_size or suite.auto_batch_size(model.cfg, device, args.workers)
+    report = {"model": suite.describe_model(model, str(args.path)), "protocol": suite.protocol(model, device),
+              "batch_size": batch, "results": [], **extra}
+
+    def save(rows: list[dict]) -> None:
+        report["results"] = rows
+        suite.write_report(report, args.json, args.markdown)
+
+    suite.run_suite(model, tokenizer, benches, model.cfg.vision.image_size, device, batch, args.workers,
+                    on_row=save)
+    return suite.to_markdown(report)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    from llip_scale.eval.datasets import parse_spec
     from llip_scale.eval.run import evaluate
+    from llip_scale.eval.suite import load_benchmarks
 
     try:
+        benches = load_benchmarks([parse_spec(s) for s in args.dataset])  # fail before loading the model
         device = torch.device(args.device)
         model, config = load_for_eval(args.path, device, args.backend)
-        ev, data = config.get("eval", {}), config.get("data", {})
-        tok_path = args.tokenizer or data.get("tokenizer")
+        ev = {} if benches else config.get("eval") or {}  # the run's own eval folders only when nothing else is asked
         zs, rt = args.zeroshot or ev.get("zeroshot_dir", ""), args.retrieval or ev.get("retrieval_dir", "")
-        if not tok_path or not (zs or rt):
-            raise ValueError("say what to evaluate: --tokenizer FILE and --zeroshot DIR and/or --retrieval DIR")
-        tokenizer = Tokenizer(tok_path, model.cfg.text.context_length)
-        metrics = evaluate(model, tokenizer, model.cfg.vision.image_size, device, zeroshot_dir=zs,
-                           retrieval_dir=rt, batch_size=args.batch_size, taus=args.taus)
-    except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
+        if not (benches or zs or rt):
+            raise ValueError("say what to evaluate: --dataset NAME=ROOT and/or --zeroshot DIR / --retrieval DIR")
+        tokenizer = resolve_tokenizer(args, config, model, args.path)
+        metrics = {}
+        if zs or rt:
+            metrics = evaluate(model, tokenizer, model.cfg.vision.image_size, device, zeroshot_dir=zs,
+                               retrieval_dir=rt, batch_size=args.batch_size or 64, taus=args.taus)
+            for key, value in metrics.items():
+                print(f"{key:40s} {value:.4f}")
+        if benches:
+            print(run_benchmarks(args, benches, model, tokenizer, device, {"folders": metrics} if metrics else {}))
+        elif args.json:
+            Path(args.json).write_text(json.dumps(metrics, indent=1))
+    except (FileNotFoundError, ValueError) as e:  # ConfigError and DatasetError are ValueErrors
         print(f"llip-eval: {e}", file=sys.stderr)
         return 2
-    for key, value in metrics.items():
-        print(f"{key:40s} {value:.4f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=1))
     return 0
 
 
