@@ -51,7 +51,9 @@ def load_for_eval(path: Path, device: torch.device, backend: str) -> tuple[torch
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="llip-eval", description=__doc__.splitlines()[0])
     p.add_argument("path", type=Path)
-    p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the run's data.tokenizer)")
+    p.add_argument("--tokenizer", default=None,
+                   help="sentencepiece model or CLIP BPE merges (default: the export's, the run's data.tokenizer, "
+                        "or CLIP BPE for a CLIP-vocabulary model)")
     p.add_argument("--zeroshot", default=None, help="zero-shot folder (default: the run's eval.zeroshot_dir)")
     p.add_argument("--retrieval", default=None, help="retrieval folder (default: the run's eval.retrieval_dir)")
     p.add_argument("--taus", type=float, nargs="*", default=None, help="also evaluate zero-shot at these taus")
@@ -60,18 +62,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--backend", default="auto", help="pair backend: auto, chunked, triton, reference")
     p.add_argument("--json", default=None, help="also write the metrics to this file")
     args = p.parse_args(argv)
-    from llip_scale.data import Tokenizer
     from llip_scale.eval.run import evaluate
+    from llip_scale.factory import get_tokenizer
 
     try:
         device = torch.device(args.device)
         model, config = load_for_eval(args.path, device, args.backend)
-        ev, data = config.get("eval", {}), config.get("data", {})
-        tok_path = args.tokenizer or data.get("tokenizer")
+        ev = config.get("eval", {})
         zs, rt = args.zeroshot or ev.get("zeroshot_dir", ""), args.retrieval or ev.get("retrieval_dir", "")
-        if not tok_path or not (zs or rt):
-            raise ValueError("say what to evaluate: --tokenizer FILE and --zeroshot DIR and/or --retrieval DIR")
-        tokenizer = Tokenizer(tok_path, model.cfg.text.context_length)
+        if not (zs or rt):
+            raise ValueError("say what to evaluate: --zeroshot DIR and/or --retrieval DIR")
+        tokenizer = get_tokenizer(args.tokenizer or args.path, model.cfg.text.context_length)
         metrics = evaluate(model, tokenizer, model.cfg.vision.image_size, device, zeroshot_dir=zs,
                            retrieval_dir=rt, batch_size=args.batch_size, taus=args.taus)
     except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
