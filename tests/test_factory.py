@@ -31,10 +31,10 @@ def _picture(size=(48, 40), seed=0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
-def _small_model(kind: str = "llip", backend: str = "reference"):
+def _small_model(kind: str = "llip", backend: str = "reference", vocab_size: int = 64):
     cfg = model_config("tiny")
     cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, **SMALL["vision"]),
-                              text=dataclasses.replace(cfg.text, **SMALL["text"]),
+                              text=dataclasses.replace(cfg.text, **{**SMALL["text"], "vocab_size": vocab_size}),
                               head=dataclasses.replace(cfg.head, **SMALL["head"], kind=kind))
     torch.manual_seed(0)
     return build_model(cfg, backend=backend).eval()
@@ -188,3 +188,39 @@ def test_bad_names_fail_in_one_line(call, match):
     with pytest.raises(ConfigError, match=match) as info:
         call()
     assert "\n" not in str(info.value)
+
+
+def _tool(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_knn_accuracy_on_known_neighbourhoods():
+    knn_top1 = _tool("image_embedding_retrieval").knn_top1
+    points = F.normalize(torch.tensor([[1.0, 0.1], [1.0, 0.0], [1.0, -0.1], [0.1, 1.0], [0.0, 1.0], [-0.1, 1.0]]), dim=1)
+    assert knn_top1(points, torch.tensor([0, 0, 0, 1, 1, 1]), k=2) == 1.0
+    assert knn_top1(points, torch.tensor([0, 1, 0, 1, 0, 1]), k=1) == 0.0  # each nearest neighbour disagrees
+
+
+def test_image_embedding_tool_reports_the_pair_heads_own_retrieval(demo_data, tmp_path):
+    from llip_scale.eval.run import evaluate
+
+    model = _small_model(backend="chunked", vocab_size=512)  # the demo tokenizer has ~360 pieces
+    out = _export(model, tmp_path / "export", tokenizer=demo_data / "tokenizer.model")
+    table = tmp_path / "table.md"
+    assert _tool("image_embedding_retrieval").main([str(out), "--eval", str(demo_data / "eval"), "--out", str(table)]) == 0
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.read_text().splitlines() if line.startswith("| ") and "scores" not in line}
+    assert set(rows) == {"per caption (pair head)", "uniform mixing", "mean-query mixing"}
+    expected = evaluate(model, llip_scale.get_tokenizer(out), 32, torch.device("cpu"),
+                        retrieval_dir=str(demo_data / "eval"), zeroshot_dir=str(demo_data / "eval"))
+    per_caption = rows["per caption (pair head)"]
+    assert per_caption[0] == f"{100 * expected['retrieval/image_to_text_R@1']:.1f}"
+    assert per_caption[5] == f"{100 * expected['zeroshot/top5']:.1f}" and per_caption[6] == "-"
+    assert 0 <= float(rows["uniform mixing"][6]) <= 100

@@ -174,14 +174,15 @@ class ContrastiveModel(nn.Module):
             return self.head(*image_features, *text_features, scores=True, tau=tau)
         return self.head(image_features[0], text_features[0], None, None, scores=True)
 
-    def image_embedding(self, images: Tensor, query: Optional[Tensor] = None,
+    def image_embedding(self, images: Tensor | Features, query: Optional[Tensor] = None,
                         tau: Optional[float] = None) -> Tensor:
         """A caption-independent unit vector per image, [N, E], comparable by cosine with
         ``text_embedding`` and with other images. Llip: the K values mixed with uniform weights
         (``query`` None: every token weighs 1/K in every head) or by one query [E] for all
         images (e.g. the mean of ``encode_text(tokens)[0]`` over a set of captions), then
-        ``@ W_o``; baselines: the pooled image vector."""
-        features = self.encode_image(images)
+        ``@ W_o``; baselines: the pooled image vector. ``images``: [N, 3, S, S] or the features
+        of ``encode_image``."""
+        features = self.encode_image(images) if isinstance(images, Tensor) else images
         if not self.is_llip:
             return features[0]
         return F.normalize(self.head(*features, query, None, mix=True, tau=tau), dim=-1)
