@@ -12,7 +12,8 @@ every name): the ``CMP`` model with ``visual.class_embedding [K, width]``, fused
 ``pred.out_proj [E, E]`` applied as ``z @ P``, ``logit_scale``, ``logit_bias``; either the
 training checkpoint (``{"epoch", "state_dict", ...}``, prefixes ``module.``/``_orig_mod.``) or a
 bare state dict. Without ``--config`` the model config is detected from the shapes among the
-released ones (B/16 K=32, G/14 K=64). A checkpoint that does not fit fails with the missing
+released ones (B/32 K=64, B/16 K=32, L/14 K=32, H/14 K=64, G/14 K=64, and the
+B/32 "all tokens" variant). A checkpoint that does not fit fails with the missing
 and unexpected keys listed.
 
 Writes OUT_DIR/model.safetensors (our parameter names), OUT_DIR/config.yaml (loadable with

@@ -104,20 +104,33 @@ class LlipPairHead(nn.Module):
 
 
 class PooledHead(nn.Module):
-    """One image vector: token 0 (siglip, clip, registers) or the mean of the K tokens (meanpool)."""
+    """One image vector: token 0 (siglip, clip, registers) or the mean of the K tokens (meanpool).
+
+    ``pool_proj: per_token`` gives each token its own projection ``P_k`` (the official controls):
+    meanpool is then ``mean_k(s_k @ P_k)`` and the others ``s_0 @ P_0``.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.kind = cfg.head.kind
-        self.proj = nn.Linear(cfg.vision.width, cfg.head.embed_dim, bias=False)
-        nn.init.normal_(self.proj.weight, std=cfg.vision.width ** -0.5)
+        w, e = cfg.vision.width, cfg.head.embed_dim
+        if cfg.head.pool_proj == "per_token":
+            self.proj = nn.Parameter(w ** -0.5 * torch.randn(cfg.vision.num_outputs, w, e))  # [K, width, E]
+        else:
+            self.proj = nn.Linear(w, e, bias=False)
+            nn.init.normal_(self.proj.weight, std=w ** -0.5)
         self.logit_scale = nn.Parameter(torch.tensor(cfg.head.logit_scale_init()))
         # InfoNCE is shift-invariant per row: CLIP has no bias to learn.
         self.logit_bias = None if self.kind == "clip" else nn.Parameter(torch.tensor(cfg.head.init_logit_bias))
 
     def pool(self, s: Tensor) -> Tensor:
-        vec = s.mean(dim=1) if self.kind == "meanpool" else s[:, 0]
-        return F.normalize(self.proj(vec), dim=-1)  # [B, E]
+        if isinstance(self.proj, nn.Linear):
+            vec = self.proj(s.mean(dim=1) if self.kind == "meanpool" else s[:, 0])
+        elif self.kind == "meanpool":
+            vec = torch.einsum("bkw,kwe->be", s, self.proj.to(s.dtype)) / s.shape[1]  # mean_k(s_k P_k)
+        else:
+            vec = s[:, 0] @ self.proj[0].to(s.dtype)
+        return F.normalize(vec, dim=-1)  # [B, E]
 
     def forward(self, images: Tensor, texts: Tensor, all_images: Optional[Tensor], all_texts: Tensor, *,
                 offset: int = 0, normalizer: Optional[float] = None, scores: bool = False) -> Tensor:
@@ -143,7 +156,7 @@ class ContrastiveModel(nn.Module):
         nn.init.normal_(self.text_projection.weight, std=tw ** -0.5)
         self.is_llip = cfg.head.kind == "llip"
         if self.is_llip:
-            self.image_proj = LlipImageProjection(cfg.vision.num_tokens, cfg.vision.width, e, cfg.head.use_norm)
+            self.image_proj = LlipImageProjection(cfg.vision.num_outputs, cfg.vision.width, e, cfg.head.use_norm)
             self.q_proj = nn.Linear(tw, e, bias=False)  # W_q: the queries
             nn.init.normal_(self.q_proj.weight, std=tw ** -0.5)
             self.q_norm = _norm(e, cfg.head.use_norm)
