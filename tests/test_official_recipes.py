@@ -120,3 +120,17 @@ def test_official_baselines_and_controls(name, kind, tokens, proj):
     if kind != "clip":
         assert m.head.init_logit_bias == -10
     assert load_config("experiments/siglip_b32").model.head.logit_scale_init() == pytest.approx(math.log(10))
+
+
+def test_a_clip_vocabulary_model_trains_with_the_packaged_clip_bpe():
+    """No data.tokenizer and CLIP's vocabulary (the official recipes): the trainer tokenises with
+    CLIP BPE, which travels to the loader's worker processes."""
+    import pickle
+
+    from llip_scale.tokenizers import ClipBpeTokenizer
+    from llip_scale.train import build_tokenizer
+
+    cfg = load_config("official/llip_l14_k32", ["data.source=webdataset"])
+    tok = pickle.loads(pickle.dumps(build_tokenizer(cfg)))
+    assert isinstance(tok, ClipBpeTokenizer) and tok.context_length == 64
+    assert tok(["a photo of a cat"])[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
