@@ -70,7 +70,9 @@ def _model_config(data: dict, where: str) -> ModelConfig:
 
 
 def _read_yaml(path: Path) -> dict:
-    return yaml.safe_load(path.read_text()) or {} if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    return yaml.safe_load(path.read_text()) or {}
 
 
 def _export_source(folder: Path, weights: Path) -> Source:
@@ -169,7 +171,8 @@ def _load(model: ContrastiveModel, state: dict, what: str) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        lines = str(e).splitlines()
+        first = (lines[1] if len(lines) > 1 else lines[0]).strip()[:200]
         raise ConfigError(f"the weights of {what} do not fit model '{model.cfg.name}' ({first}); pass "
                           "the matching model name, or no name") from None
 
