@@ -1,15 +1,28 @@
-"""llip_scale: pretraining Llip vision-language models at scale."""
+"""llip_scale: pretraining Llip vision-language models at scale.
+
+Inference, open_clip style::
+
+    model, preprocess_train, preprocess_val = llip_scale.create_model_and_transforms("OUT_DIR")
+    tokenizer = llip_scale.get_tokenizer("OUT_DIR")
+    scores = model.score(images, tokenizer(["a photo of a cat"]))    # [n_images, n_texts]
+"""
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["load_pretrained"]
+_EXPORTS = {
+    "load_pretrained": "llip_scale.pretrained",
+    "create_model": "llip_scale.factory",
+    "create_model_and_transforms": "llip_scale.factory",
+    "get_tokenizer": "llip_scale.factory",
+}
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so that `import llip_scale` (config handling, the CLI) does not pull in torch.
-    if name == "load_pretrained":
-        from llip_scale.pretrained import load_pretrained
-        return load_pretrained
-    raise AttributeError(f"module 'llip_scale' has no attribute '{name}'")
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'llip_scale' has no attribute '{name}'")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

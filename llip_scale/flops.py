@@ -104,9 +104,10 @@ def forward_flops(cfg: ModelConfig, global_batch: int, pair_mode: str = "plain")
     """Forward FLOPs of one sample in a step whose global batch is ``global_batch``."""
     v, t, hd = cfg.vision, cfg.text, cfg.head
     if hd.kind == "llip":
-        head = 2 * v.num_tokens * v.width * hd.embed_dim + 2 * t.width * hd.embed_dim
-        pairs = global_batch * pair_macs(v.num_tokens, hd.embed_dim, hd.num_heads, pair_mode) + \
-            pair_setup_macs(v.num_tokens, hd.embed_dim, hd.num_heads, pair_mode)
+        k = v.num_outputs  # the tokens the head mixes (all_tokens: the patches too)
+        head = 2 * k * v.width * hd.embed_dim + 2 * t.width * hd.embed_dim
+        pairs = global_batch * pair_macs(k, hd.embed_dim, hd.num_heads, pair_mode) + \
+            pair_setup_macs(k, hd.embed_dim, hd.num_heads, pair_mode)
     else:
         head = v.width * hd.embed_dim + t.width * hd.embed_dim
         # CLIP scores local images x all texts and local texts x all images: two dot products.

@@ -28,6 +28,7 @@ ln_final.*                                             text.ln_final.*
 text_projection [tw, E], h @ P                         text_projection.weight [E, tw] (transposed)
 q_proj [tw, E], h @ P                                  q_proj.weight [E, tw] (transposed)
 k_proj, v_proj [K, w, E], s[:, k] @ P[k]               image_proj.k_proj, image_proj.v_proj
+  (K + grid^2 rows with ``pass_all_tokens``)             (``vision.all_tokens``)
 K_norm.*, V_norm.*, Q_norm.* (LayerNorm over E;        image_proj.k_norm.*, image_proj.v_norm.*,
   only with use_norm)                                  q_norm.*
 pred.out_proj [E, E], z @ P, no bias                   head.out_proj [E, E]
@@ -40,10 +41,11 @@ Ignored: ``attn_mask`` (a buffer in some exports). A ``visual.proj`` means a CLI
 checkpoint of the same codebase, which is refused.
 
 Conventions of the release that the matching config reproduces: QuickGELU activations
-(``activation: quick_gelu``), LayerNorm eps 1e-5, the text pooled at its largest token id
+(``activation: quick_gelu``), PyTorch's default init of the vision blocks (``block_init:
+torch``; only matters for training from scratch), LayerNorm eps 1e-5, the text pooled at its largest token id
 (CLIP BPE's end token 49407; we pool at the first ``eot_id``, the same position for CLIP BPE
-texts), the softmax temperature ``weight_scale`` = tau = 5 for both released models (it is not
-stored in the checkpoint), H = 8 mixing heads, scores exp(logit_scale) * cos(z, t) + logit_bias.
+texts), the softmax temperature ``weight_scale`` = tau (5, and 1 at L/14; it is not stored in the
+checkpoint), the text context (64 at L/14, 77 otherwise), H = 8 mixing heads, scores exp(logit_scale) * cos(z, t) + logit_bias.
 """
 from __future__ import annotations
 
@@ -57,7 +59,9 @@ from torch import Tensor
 from llip_scale.config import ConfigError, load_config
 from llip_scale.model import ContrastiveModel, ModelConfig, build_model
 
-OFFICIAL_CONFIGS = ("official/llip_b16_k32", "official/llip_g14_k64")
+# Every released Llip size, and the "all tokens" variant; detect_config matches shapes among them.
+OFFICIAL_CONFIGS = ("official/llip_b32_k64", "official/llip_b16_k32", "official/llip_l14_k32",
+                    "official/llip_h14_k64", "official/llip_g14_k64", "official/llip_b32_k64_alltokens")
 PREFIXES = ("module.", "_orig_mod.")
 IGNORED = ("attn_mask",)
 StateDict = dict[str, Tensor]
@@ -182,8 +186,10 @@ def describe(sd: StateDict) -> dict[str, Any]:
 
     return {"vision_width": shape("visual.conv1.weight", 0), "patch_size": shape("visual.conv1.weight", 2),
             "vision_depth": count("visual.transformer.resblocks."), "num_tokens": shape("visual.class_embedding", 0),
-            "positions": shape("visual.positional_embedding", 0), "text_width": shape("ln_final.weight", 0),
-            "text_depth": count("transformer.resblocks."), "embed_dim": shape("text_projection", 1),
+            "positions": shape("visual.positional_embedding", 0), "mixed_tokens": shape("k_proj", 0),
+            "vision_mlp": shape("visual.transformer.resblocks.0.mlp.c_fc.weight", 0),
+            "text_width": shape("ln_final.weight", 0), "text_depth": count("transformer.resblocks."),
+            "text_mlp": shape("transformer.resblocks.0.mlp.c_fc.weight", 0), "embed_dim": shape("text_projection", 1),
             "vocab_size": shape("token_embedding.weight", 0), "context_length": shape("positional_embedding", 0),
             "use_norm": "K_norm.weight" in sd}
 
@@ -191,9 +197,10 @@ def describe(sd: StateDict) -> dict[str, Any]:
 def _implied(cfg: ModelConfig) -> dict[str, Any]:
     v, t = cfg.vision, cfg.text
     return {"vision_width": v.width, "patch_size": v.patch_size, "vision_depth": v.depth,
-            "num_tokens": v.num_tokens, "positions": v.grid ** 2 + v.num_tokens, "text_width": t.width,
-            "text_depth": t.depth, "embed_dim": cfg.head.embed_dim, "vocab_size": t.vocab_size,
-            "context_length": t.context_length, "use_norm": cfg.head.use_norm}
+            "num_tokens": v.num_tokens, "positions": v.grid ** 2 + v.num_tokens, "mixed_tokens": v.num_outputs,
+            "vision_mlp": v.mlp_dim, "text_width": t.width, "text_depth": t.depth, "text_mlp": t.mlp_dim,
+            "embed_dim": cfg.head.embed_dim, "vocab_size": t.vocab_size, "context_length": t.context_length,
+            "use_norm": cfg.head.use_norm}
 
 
 def detect_config(sd: StateDict) -> ModelConfig:

@@ -171,10 +171,10 @@ def head_activation_elements(cfg: ModelConfig) -> tuple[int, int]:
     v, t, h = cfg.vision, cfg.text, cfg.head
     norm = 2 if h.use_norm else 1
     if h.kind == "llip":
-        per_image = 2 * v.num_tokens * v.width + 2 * v.num_tokens * h.embed_dim * norm
+        per_image = 2 * v.num_outputs * v.width + 2 * v.num_outputs * h.embed_dim * norm
         per_text = t.width + 2 * h.embed_dim + (h.embed_dim if h.use_norm else 0)
     else:
-        per_image = 2 * v.num_tokens * v.width + 2 * h.embed_dim
+        per_image = 2 * v.num_outputs * v.width + 2 * h.embed_dim
         per_text = t.width + 2 * h.embed_dim
     return per_image, per_text
 
@@ -187,7 +187,7 @@ def pair_head_bytes(cfg: ModelConfig, bi: int, bt: int, backend: str, act_bytes:
                     chunk_size: Optional[int] = None) -> tuple[float, float]:
     """(saved, transient) bytes of the pair computation: ``bi`` local images x ``bt`` texts."""
     h = cfg.head
-    k, e, nh = cfg.vision.num_tokens, h.embed_dim, h.num_heads
+    k, e, nh = cfg.vision.num_outputs, h.embed_dim, h.num_heads
     if h.kind != "llip":  # [Bi, Bt] scores in fp32, the softplus input, and their gradient
         return 2.0 * bi * bt * 4, 1.0 * bi * bt * 4
     if backend == "reference":  # attn [Bi, Bt, H, K] and mixed/z/unit z [Bi, Bt, E], then grads

@@ -1,12 +1,13 @@
 """Text tokenizers behind one interface: texts -> LongTensor [N, context_length].
 
-    tokenizer = build_tokenizer(context_length=77, bpe_vocab="bpe_simple_vocab_16e6.txt.gz")
+    tokenizer = build_tokenizer(context_length=77)     # CLIP BPE, the packaged vocabulary
     tokens = tokenizer(["a photo of a cat"])           # [1, 77], then model.encode_text(tokens)
 
 * ``ClipBpeTokenizer``: the byte-level BPE of OpenAI CLIP, which the official Llip checkpoints
   were trained with (vocabulary 49,408: 256 bytes, the same with an end-of-word mark, 48,894
-  merges, then <start_of_text> = 49,406 and <end_of_text> = 49,407). Needs the merges file the
-  user supplies (``bpe_simple_vocab_16e6.txt.gz``); nothing is downloaded.
+  merges, then <start_of_text> = 49,406 and <end_of_text> = 49,407). CLIP's merges file
+  (``bpe_simple_vocab_16e6.txt.gz``, MIT licensed, as open_clip ships it) comes with this
+  package; another merges file can be given. Nothing is downloaded.
 * ``llip_scale.data.tokenizer.Tokenizer``: a sentencepiece model (``data.tokenizer``), our
   own training path.
 
@@ -56,6 +57,8 @@ def _as_list(texts: Texts) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 NUM_MERGES = 49152 - 256 - 2  # the merges CLIP uses from its file
+# CLIP's merges file, shipped as package data (the official checkpoints' vocabulary).
+DEFAULT_BPE_VOCAB = Path(__file__).resolve().parent / "bpe_simple_vocab_16e6.txt.gz"
 
 
 def byte_alphabet() -> dict[int, str]:
@@ -98,10 +101,10 @@ def clean_text(text: str) -> str:
 
 class ClipBpeTokenizer:
     """OpenAI CLIP's tokenizer, from its merges file (gzip or plain text, one merge a line
-    after a header line)."""
+    after a header line); ``merges_path`` None: the packaged ``bpe_simple_vocab_16e6.txt.gz``."""
 
-    def __init__(self, merges_path: Union[str, Path], context_length: int = 77):
-        path = Path(merges_path)
+    def __init__(self, merges_path: Union[str, Path, None] = None, context_length: int = 77):
+        path = Path(merges_path) if merges_path else DEFAULT_BPE_VOCAB
         if not path.is_file():
             raise FileNotFoundError(f"CLIP BPE merges file '{path}' not found; pass the path of "
                                     "bpe_simple_vocab_16e6.txt.gz (it is not downloaded)")
@@ -176,12 +179,12 @@ class ClipBpeTokenizer:
 
 def build_tokenizer(context_length: int = 77, bpe_vocab: Union[str, Path, None] = None,
                     spm_model: Union[str, Path, None] = None) -> TextTokenizer:
-    """CLIP BPE when its merges file is given, sentencepiece otherwise."""
-    if bpe_vocab:
-        return ClipBpeTokenizer(bpe_vocab, context_length)
+    """A sentencepiece model when ``spm_model`` is given, else CLIP BPE (``bpe_vocab``, or the
+    packaged vocabulary). ``llip_scale.get_tokenizer`` picks these for a model by name or path."""
+    if bpe_vocab and spm_model:
+        raise ValueError("pass bpe_vocab or spm_model, not both")
     if spm_model:
         from llip_scale.data.tokenizer import Tokenizer as SentencePieceTokenizer
 
         return SentencePieceTokenizer(str(spm_model), context_length)
-    raise ValueError("no tokenizer: pass bpe_vocab (CLIP's bpe_simple_vocab_16e6.txt.gz) or spm_model "
-                     "(a sentencepiece .model file)")
+    return ClipBpeTokenizer(bpe_vocab, context_length)

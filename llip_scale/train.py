@@ -119,6 +119,9 @@ def build_tokenizer(cfg: Config) -> Any:
     if cfg.data.source == "synthetic":
         from llip_scale.data.synthetic import SyntheticTokenizer
         return SyntheticTokenizer(t.vocab_size, t.context_length, t.eot_id, t.pad_id)
+    if not cfg.data.tokenizer and (t.vocab_size, t.eot_id) == (49408, 49407):
+        from llip_scale.tokenizers import ClipBpeTokenizer
+        return ClipBpeTokenizer(None, t.context_length)  # CLIP's vocabulary: its BPE, packaged
     from llip_scale.data import Tokenizer
     tok = Tokenizer(cfg.data.tokenizer, t.context_length)
     if tok.vocab_size > t.vocab_size or tok.eot_id != t.eot_id:

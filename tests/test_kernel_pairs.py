@@ -89,6 +89,12 @@ def test_a_positive_in_every_position_of_a_tile():
     check_against_reference((16, 37, 2, 16, 1, 5), torch.float32, seed=7, tau=1.0)
 
 
+def test_all_tokens_k_matches_reference():
+    # The "all tokens" variant mixes K + patches tokens: 32 + 256 = 288 for a 224 px ViT-*/14
+    # with K = 32, beyond one token block (the fp32 interpreter plan: 5 blocks of 64).
+    check_against_reference((2, 16, 288, 32, 2, 1), torch.float32, seed=13)
+
+
 def test_chunked_launches_match_one_launch(monkeypatch):
     # Several image chunks (G, dG per chunk) and text chunks (fp32 accumulators per chunk).
     monkeypatch.setattr(kp, "IMAGE_CHUNK", 2)

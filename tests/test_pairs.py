@@ -27,6 +27,7 @@ SHAPES = [  # (Bi, Bt, K, E, H, offset)
     (4, 4, 1, 6, 1, 0),  # K = 1, H = 1
     (3, 11, 40, 16, 2, 8),  # H*K > E: the "plain" path; offset at the last possible column
     (6, 6, 7, 12, 3, 0),
+    (3, 9, 288, 32, 4, 2),  # K = 32 + 256: the "all tokens" variant of a 224 px ViT-*/14 with K = 32
 ]
 
 

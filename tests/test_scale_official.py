@@ -39,12 +39,13 @@ def official_layout(v: dict, t: dict, e: int, use_norm: bool, device: str = "cpu
     make = (lambda *shape, std=0.1, mean=0.0: torch.empty(shape, device="meta")) if device == "meta" else \
         (lambda *shape, std=0.1, mean=0.0: mean + std * torch.randn(shape, generator=g))
     w, tw, k, grid = v["width"], t["width"], v["num_tokens"], v["image_size"] // v["patch_size"]
+    mixed = k + grid ** 2 if v.get("all_tokens") else k  # pass_all_tokens: a projection per patch too
     sd = {"visual.conv1.weight": make(w, 3, v["patch_size"], v["patch_size"], std=0.05),
           "visual.class_embedding": make(k, w, std=0.5), "visual.positional_embedding": make(grid ** 2 + k, w),
           "token_embedding.weight": make(t["vocab_size"], tw, std=0.5),
           "positional_embedding": make(t["context_length"], tw), "text_projection": make(tw, e, std=tw ** -0.5),
-          "q_proj": make(tw, e, std=tw ** -0.5), "k_proj": make(k, w, e, std=w ** -0.5),
-          "v_proj": make(k, w, e, std=w ** -0.5), "pred.out_proj": make(e, e, std=e ** -0.5),
+          "q_proj": make(tw, e, std=tw ** -0.5), "k_proj": make(mixed, w, e, std=w ** -0.5),
+          "v_proj": make(mixed, w, e, std=w ** -0.5), "pred.out_proj": make(e, e, std=e ** -0.5),
           "logit_scale": make(std=0.0, mean=math.log(10)), "logit_bias": make(std=0.0, mean=-5.0)}
     layer_norms = ["visual.ln_pre", "visual.ln_post", "ln_final"] + (["K_norm", "Q_norm", "V_norm"] if use_norm else [])
     for tower, width, depth, mlp in (("visual.transformer", w, v["depth"], v["mlp_dim"]),
@@ -83,7 +84,7 @@ def _norm(x, sd, name, use_norm):
 
 
 def official_encode_image(sd, images, v, num_heads, use_norm):
-    """CMP.encode_image: K, V as [B, H, K, d]."""
+    """CMP.encode_image: K, V as [B, H, K, d] (pass_all_tokens: K + grid^2 tokens)."""
     b, w, k = images.shape[0], v["width"], v["num_tokens"]
     x = F.conv2d(images, sd["visual.conv1.weight"], stride=v["patch_size"]).reshape(b, w, -1).permute(0, 2, 1)
     x = torch.cat([sd["visual.class_embedding"][None] + torch.zeros(b, k, w), x], dim=1)
@@ -91,7 +92,8 @@ def official_encode_image(sd, images, v, num_heads, use_norm):
     x = x.permute(1, 0, 2)
     for i in range(v["depth"]):
         x = _resblock(x, sd, f"visual.transformer.resblocks.{i}", v["heads"])
-    h = F.layer_norm(x.permute(1, 0, 2)[:, :k], (w,), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"])
+    x = x.permute(1, 0, 2) if v.get("all_tokens") else x.permute(1, 0, 2)[:, :k]
+    h = F.layer_norm(x, (w,), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"])
     keys = _norm(h.transpose(0, 1) @ sd["k_proj"], sd, "K_norm", use_norm)  # [K, B, E]
     values = _norm(h.transpose(0, 1) @ sd["v_proj"], sd, "V_norm", use_norm)
     n, b, c = keys.shape
@@ -184,20 +186,111 @@ def test_linear_out_proj_variant_and_one_token():
         official.convert_state_dict(sd, cfg)
 
 
-@pytest.mark.parametrize("name,size,k,norm", [("llip_b16_k32", "b16", 32, False), ("llip_g14_k64", "g14", 64, True)])
-def test_released_sizes_are_detected_and_map_onto_our_model(name, size, k, norm):
-    """B/16 K=32 and G/14 K=64 checkpoints, as shapes only (meta tensors, nothing allocated)."""
-    cfg = model_config(size)
-    as_dict = lambda c: {f.name: getattr(c, f.name) for f in c.__dataclass_fields__.values()}  # noqa: E731
-    sd = official_layout(as_dict(cfg.vision), as_dict(cfg.text), cfg.head.embed_dim, norm, device="meta")
+# The release's model JSONs (facebookresearch/Llip llip/open_clip/model_configs/*.json) and run
+# configs (run_configs/llip.py: weight_scale, lr, context_length), as data: vision heads are
+# width // head_width (default 64), MLPs int(width * mlp_ratio) (default 4).
+RELEASE = {
+    "llip_b32_k64": dict(json="ViT-B-32-quickgelu-siglip-ncls:64", embed_dim=512, vision=dict(
+        layers=12, width=768, patch_size=32, ncls=64), text=dict(context_length=77, width=512, heads=8, layers=12),
+        weight_scale=5, lr=5e-4),
+    "llip_b16_k32": dict(json="ViT-B-16-quickgelu-siglip-ncls:32", embed_dim=512, vision=dict(
+        layers=12, width=768, patch_size=16, ncls=32), text=dict(context_length=77, width=512, heads=8, layers=12),
+        weight_scale=5, lr=5e-4),
+    "llip_l14_k32": dict(json="ViT-L-14-quickgelu-siglip-ncls:32", embed_dim=768, vision=dict(
+        layers=24, width=1024, patch_size=14, ncls=32), text=dict(context_length=64, width=768, heads=12, layers=12),
+        weight_scale=1, lr=4e-4),
+    "llip_h14_k64": dict(json="ViT-H-14-quickgelu-siglip-ncls:64-norm", embed_dim=1024, use_norm=True, vision=dict(
+        layers=32, width=1280, head_width=80, patch_size=14, ncls=64),
+        text=dict(context_length=77, width=1024, heads=16, layers=24), weight_scale=5, lr=4e-4),
+    "llip_g14_k64": dict(json="ViT-bigG-14-quickgelu-siglip-ncls:64-norm", embed_dim=1280, use_norm=True, vision=dict(
+        layers=48, width=1664, head_width=104, mlp_ratio=4.9231, patch_size=14, ncls=64),
+        text=dict(context_length=77, width=1280, heads=20, layers=32), weight_scale=5, lr=4e-4),
+    "llip_b32_k64_alltokens": dict(json="ViT-B-32-quickgelu-siglip-ncls:64-alltokens", embed_dim=512, vision=dict(
+        layers=12, width=768, patch_size=32, ncls=64, pass_all_tokens=True),
+        text=dict(context_length=77, width=512, heads=8, layers=12), weight_scale=5, lr=5e-4),
+}
+
+
+def _as_dict(c) -> dict:
+    return {f.name: getattr(c, f.name) for f in c.__dataclass_fields__.values()}
+
+
+@pytest.mark.parametrize("name", list(RELEASE))
+def test_official_configs_have_the_releases_shapes_and_recipe(name):
+    rel, run = RELEASE[name], load_config(f"official/{name}")
+    v, t, h = run.model.vision, run.model.text, run.model.head
+    rv, rt = rel["vision"], rel["text"]
+    assert (v.image_size, v.patch_size, v.width, v.depth) == (224, rv["patch_size"], rv["width"], rv["layers"])
+    assert v.heads == rv["width"] // rv.get("head_width", 64)
+    assert v.mlp_dim == int(rv["width"] * rv.get("mlp_ratio", 4.0))
+    assert (v.num_tokens, v.all_tokens) == (rv["ncls"], rv.get("pass_all_tokens", False))
+    assert (t.vocab_size, t.context_length, t.width, t.heads, t.depth, t.mlp_dim) == (
+        49408, rt["context_length"], rt["width"], rt["heads"], rt["layers"], 4 * rt["width"])
+    assert run.data.context_length in (None, rt["context_length"])
+    assert (h.kind, h.embed_dim, h.num_heads, h.use_norm, h.tau) == (
+        "llip", rel["embed_dim"], 8, rel.get("use_norm", False), rel["weight_scale"])
+    assert v.activation == t.activation == "quick_gelu" and v.block_init == "torch"
+    assert h.logit_scale_init() == pytest.approx(math.log(1 / 0.07)) and h.init_logit_bias == -10
+    assert (run.optim.lr, run.optim.betas, run.optim.eps, run.optim.weight_decay, run.optim.warmup_steps) == (
+        rel["lr"], (0.9, 0.95), 1e-6, 0.2, 2000)
+    assert run.batch_size * run.steps == 32 * 400_000_000  # 32 epochs of 400M at 32,768
+
+
+@pytest.mark.parametrize("name", list(RELEASE))
+def test_every_released_size_is_detected_and_maps_onto_our_model(name):
+    """Full-size checkpoints as shapes only (meta tensors, nothing allocated)."""
+    cfg = load_config(f"official/{name}").model
+    v = {**_as_dict(cfg.vision)}
+    sd = official_layout(v, _as_dict(cfg.text), cfg.head.embed_dim, cfg.head.use_norm, device="meta")
     ours, detected = official.convert_state_dict(sd)
-    assert detected.name == name and detected.vision.num_tokens == k and detected.head.use_norm == norm
-    assert detected.vision.activation == detected.text.activation == "quick_gelu"
-    assert (detected.text.eot_id, detected.head.tau, detected.head.num_heads) == (49407, 5.0, 8)
+    assert detected.name == name and detected == cfg
     with torch.device("meta"):
         from llip_scale.model import build_model
         expected = {n: tuple(t.shape) for n, t in build_model(detected).state_dict().items()}
     assert {n: tuple(t.shape) for n, t in ours.items()} == expected
+    assert ours["image_proj.k_proj"].shape[0] == cfg.vision.num_outputs
+
+
+def _scaled_down(cfg):
+    """The official config with narrow widths (2 channels per attention head, E = 16) and
+    everything else kept: depths, K, all_tokens, image and patch size, context, vocabulary,
+    use_norm, tau, QuickGELU."""
+    import dataclasses
+
+    v, t = cfg.vision, cfg.text
+    vision = dataclasses.replace(v, width=2 * v.heads, mlp_dim=4 * v.heads)
+    text = dataclasses.replace(t, width=2 * t.heads, mlp_dim=4 * t.heads)
+    return dataclasses.replace(cfg, vision=vision, text=text, head=dataclasses.replace(cfg.head, embed_dim=16))
+
+
+@pytest.mark.parametrize("name", list(RELEASE))
+def test_every_released_size_reproduces_the_official_forward(name):
+    """A release-layout state dict of each size (widths scaled down), converted, gives the
+    official formulas' keys, values, queries, targets and scores."""
+    cfg = _scaled_down(load_config(f"official/{name}").model)
+    v, t, e, norm = _as_dict(cfg.vision), _as_dict(cfg.text), cfg.head.embed_dim, cfg.head.use_norm
+    sd = official_layout(v, t, e, norm, seed=len(name))
+    ours, _ = official.convert_state_dict(sd, cfg)
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(2, 3, 224, 224, generator=g)
+    text = torch.randint(1, 49000, (3, t["context_length"]), generator=g)
+    for row, end in enumerate([4, t["context_length"] - 1, 9]):
+        text[row, end], text[row, end + 1:] = 49407, 0
+    k_ref, v_ref = official_encode_image(sd, images, v, 8, norm)
+    q_ref, zt_ref = official_encode_text(sd, text, t, 8, norm)
+    logits_ref = official_logits(sd, k_ref, v_ref, q_ref, zt_ref, weight_scale=cfg.head.tau)
+    from llip_scale.model import build_model
+    model = build_model(cfg, backend="chunked").eval()
+    model.load_state_dict(ours)
+    with torch.no_grad():
+        keys, values = model.encode_image(images)
+        scores = model.score((keys, values), model.encode_text(text))
+    merge = lambda z: z.permute(0, 2, 1, 3).reshape(z.shape[0], z.shape[2], -1)  # noqa: E731
+    assert keys.shape == (2, cfg.vision.num_outputs, 16)
+    torch.testing.assert_close(keys, merge(k_ref), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(values, merge(v_ref), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scores, logits_ref, rtol=1e-4, atol=1e-4)
+    assert scores.std() > 0.01
 
 
 def test_wrong_layout_lists_missing_and_unexpected_keys(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Pluggable tokenizers: CLIP's byte-level BPE (from a merges file the user supplies) or the
+"""Pluggable tokenizers: CLIP's byte-level BPE (the packaged vocabulary, or a merges file) or the
 sentencepiece tokenizer of the data pipeline, laid out as the towers expect."""
 from __future__ import annotations
 
@@ -53,7 +53,18 @@ def test_the_factory_picks_clip_bpe_or_sentencepiece(tmp_path, clip):
     tokens = sp(["a photo of a cat on the mat", "a"])
     assert tokens.shape == (2, 8) and tokens[0, -1] == sp.eot_id  # truncated, still ended
     assert isinstance(build_tokenizer(8, bpe_vocab=tmp_path / "bpe_simple_vocab_16e6.txt.gz"), ClipBpeTokenizer)
-    with pytest.raises(ValueError, match="pass bpe_vocab"):
-        build_tokenizer(8)
+    packaged = build_tokenizer(8)  # nothing given: CLIP BPE from the vocabulary shipped with the package
+    assert isinstance(packaged, ClipBpeTokenizer) and packaged.vocab_size == 49408
+    with pytest.raises(ValueError, match="not both"):
+        build_tokenizer(8, bpe_vocab=tmp_path / "bpe_simple_vocab_16e6.txt.gz", spm_model=tmp_path / "sp.model")
     with pytest.raises(FileNotFoundError, match="not downloaded"):
         ClipBpeTokenizer(tmp_path / "missing.txt.gz")
+
+
+def test_the_packaged_clip_vocabulary_gives_clips_own_ids():
+    """Ids as OpenAI CLIP / open_clip tokenize them (their published ids for these words)."""
+    tok = ClipBpeTokenizer(context_length=10)
+    assert (tok.vocab_size, tok.sot_id, tok.eot_id) == (49408, 49406, 49407)
+    assert tok(["a photo of a cat"])[0].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407, 0, 0, 0]
+    assert tok.encode("a dog") == [320, 1929]
+    assert tok.decode(tok.encode("A Photo of two dogs!")) == "a photo of two dogs !"

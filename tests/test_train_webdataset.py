@@ -72,6 +72,33 @@ def test_llip_eval_on_the_trainers_checkpoint_reproduces_its_final_numbers(runs,
     assert "zeroshot/top1@tau=1" in got
 
 
+def test_an_export_carries_its_tokenizer_and_preprocessing(runs, demo_data, tmp_path):
+    """tools/export_checkpoint.py RUN OUT: OUT alone loads (model, transforms, tokenizer) and gives
+    the run's scores; llip-eval on OUT needs no --tokenizer and reproduces the final retrieval."""
+    import torch
+
+    import llip_scale
+    from llip_scale.data import Tokenizer
+
+    out = run([sys.executable, str(REPO / "tools" / "export_checkpoint.py"), str(runs["run"]), str(tmp_path / "m")])
+    assert out.returncode == 0, tail(out.stdout + out.stderr)
+    model, _, preprocess = llip_scale.create_model_and_transforms(tmp_path / "m")
+    tokenizer = llip_scale.get_tokenizer(tmp_path / "m")
+    image = Image.open(sorted((demo_data / "eval" / "images").glob("rt-*.jpg"))[0])
+    captions = ["a red circle", "a blue square above a green triangle"]
+    scores = model.score(preprocess(image)[None], tokenizer(captions))
+    torch.testing.assert_close(tokenizer(captions), Tokenizer(str(demo_data / "tokenizer.model"), 32)(captions))
+    from_run = llip_scale.create_model(runs["run"])  # the run folder: its newest complete checkpoint
+    torch.testing.assert_close(scores, from_run.score(preprocess(image)[None], tokenizer(captions)))
+    out_json = tmp_path / "eval.json"
+    out = run([sys.executable, "-m", "llip_scale.eval.cli", str(tmp_path / "m"), "--retrieval",
+               str(demo_data / "eval"), "--json", str(out_json)])
+    assert out.returncode == 0, tail(out.stdout + out.stderr)
+    summary = json.loads((runs["run"] / "summary.json").read_text())
+    got = json.loads(out_json.read_text())
+    assert got["retrieval/text_to_image_R@5"] == pytest.approx(summary["retrieval/text_to_image_R@5"], abs=1e-6)
+
+
 def test_llip_eval_reports_a_missing_checkpoint_in_one_line(tmp_path):
     out = run([sys.executable, "-m", "llip_scale.eval.cli", str(tmp_path)])
     assert out.returncode == 2

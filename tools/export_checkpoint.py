@@ -5,8 +5,13 @@
     python tools/export_checkpoint.py RUN OUT_DIR          # the newest complete checkpoint of RUN
 
 Works for every ZeRO stage (ZeRO-3 shards are gathered into full fp32 tensors, offline, in one
-process). OUT_DIR gets ``model.safetensors`` and ``config.yaml``; load them for inference with
-``llip_scale.load_pretrained(OUT_DIR)``.
+process). OUT_DIR gets ``model.safetensors``, ``config.yaml`` (the model config) and
+``inference.yaml`` with the tokenizer (the run's sentencepiece model is copied in as
+``tokenizer.model``; ``--tokenizer FILE`` names another) and the image preprocessing, so the
+folder alone is enough for inference::
+
+    model, _, preprocess = llip_scale.create_model_and_transforms(OUT_DIR)
+    tokenizer = llip_scale.get_tokenizer(OUT_DIR)
 """
 from __future__ import annotations
 
@@ -30,17 +35,24 @@ def pick_checkpoint(path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", type=Path, help="a checkpoint folder, or a run folder (its newest checkpoint)")
-    p.add_argument("out_dir", type=Path, help="where to write model.safetensors and config.yaml")
+    p.add_argument("out_dir", type=Path, help="where to write model.safetensors, config.yaml and inference.yaml")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer to bundle: a sentencepiece .model or CLIP BPE merges (default: the run's)")
     args = p.parse_args(argv)
     from llip_scale.checkpoint import ResumeError, export
+    from llip_scale.config import ConfigError
+    from llip_scale.factory import bundle_spec, resolve, write_inference_file
 
     try:
         checkpoint = pick_checkpoint(args.checkpoint)
+        source = resolve(checkpoint)
+        bundle_spec(source, args.tokenizer)  # a missing tokenizer fails before anything is written
         weights = export(checkpoint, args.out_dir)
-    except (FileNotFoundError, ResumeError) as e:
+        write_inference_file(args.out_dir, source, args.tokenizer)
+    except (FileNotFoundError, ResumeError, ConfigError) as e:
         print(f"export_checkpoint: {e}", file=sys.stderr)
         return 1
-    print(f"exported {checkpoint} -> {weights} (+ config.yaml)")
+    print(f"exported {checkpoint} -> {weights} (+ config.yaml, inference.yaml)")
     return 0
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert a checkpoint of the official Llip release into an llip_scale model.
 
-    tools/import_official.py llip_b16_k32.pt out/llip_b16_k32 [--bpe-vocab bpe_simple_vocab_16e6.txt.gz]
+    tools/import_official.py llip_b16_k32.pt out/llip_b16_k32
     tools/import_official.py llip_G14_k64.pt out/llip_g14 --dtype bf16
     tools/import_official.py custom.pt out/custom --config my_llip.yaml
 
@@ -12,18 +12,19 @@ every name): the ``CMP`` model with ``visual.class_embedding [K, width]``, fused
 ``pred.out_proj [E, E]`` applied as ``z @ P``, ``logit_scale``, ``logit_bias``; either the
 training checkpoint (``{"epoch", "state_dict", ...}``, prefixes ``module.``/``_orig_mod.``) or a
 bare state dict. Without ``--config`` the model config is detected from the shapes among the
-released ones (B/16 K=32, G/14 K=64). A checkpoint that does not fit fails with the missing
+released ones (B/32 K=64, B/16 K=32, L/14 K=32, H/14 K=64, G/14 K=64, and the
+B/32 "all tokens" variant). A checkpoint that does not fit fails with the missing
 and unexpected keys listed.
 
 Writes OUT_DIR/model.safetensors (our parameter names), OUT_DIR/config.yaml (loadable with
-``llip_scale.config.load_config``; QuickGELU, CLIP BPE end token, tau) and, with
-``--bpe-vocab``, a copy of CLIP's merges file for ``llip_scale.tokenizers.ClipBpeTokenizer``.
-Load the result with ``llip_scale.official.load_imported(OUT_DIR)``.
+``llip_scale.config.load_config``; QuickGELU, CLIP BPE end token, tau) and OUT_DIR/inference.yaml
+(tokenizer: CLIP BPE from the packaged vocabulary, or a copy of ``--bpe-vocab``; preprocessing).
+Load the result with ``llip_scale.create_model_and_transforms(OUT_DIR)`` and
+``llip_scale.get_tokenizer(OUT_DIR)``, or ``llip_scale.official.load_imported(OUT_DIR)``.
 """
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import torch
 
 from llip_scale import official
 from llip_scale.config import Config, ConfigError, load_config, save_config
+from llip_scale.factory import resolve, write_inference_file
 
 DTYPES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="config whose model section matches the checkpoint (default: detect among "
                         f"{', '.join(official.OFFICIAL_CONFIGS)})")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="cast floating tensors")
-    p.add_argument("--bpe-vocab", default=None, help="CLIP's bpe_simple_vocab_16e6.txt.gz, copied next to the model")
+    p.add_argument("--bpe-vocab", default=None,
+                   help="another CLIP BPE merges file, copied next to the model (default: the packaged one)")
     return p.parse_args(argv)
 
 
@@ -64,10 +67,10 @@ def write(state: dict, cfg: Config, args: argparse.Namespace) -> Path:
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
               metadata={"source": Path(args.checkpoint).name, "format": "llip_scale"})
     save_config(cfg, out / "config.yaml")
-    if args.bpe_vocab:
-        if not Path(args.bpe_vocab).is_file():
-            raise ConfigError(f"--bpe-vocab '{args.bpe_vocab}' not found; pass CLIP's bpe_simple_vocab_16e6.txt.gz")
-        shutil.copy(args.bpe_vocab, out / Path(args.bpe_vocab).name)
+    if args.bpe_vocab and not Path(args.bpe_vocab).is_file():
+        raise ConfigError(f"--bpe-vocab '{args.bpe_vocab}' not found; pass CLIP's bpe_simple_vocab_16e6.txt.gz "
+                          "or leave it out (the packaged vocabulary)")
+    write_inference_file(out, resolve(out), args.bpe_vocab, require_tokenizer=False)
     return out
 
 

@@ -4,6 +4,9 @@ mixing weights over the K mixture tokens (per head) and its score, as a PNG.
 
     python tools/visualize_mixing.py RUN_OR_CHECKPOINT_OR_EXPORT image.jpg \
         "a red circle" "a blue square left of a green star" --out mixing.png [--tokenizer tok.model]
+
+The tokenizer is the one the model folder carries (see ``llip_scale.get_tokenizer``) unless
+``--tokenizer`` names one.
 """
 from __future__ import annotations
 
@@ -15,9 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from llip_scale.data import Tokenizer, eval_image
+from llip_scale.data import eval_image
 from llip_scale.eval.cli import load_for_eval
 from llip_scale.eval.mixing import caption_mixing, plot_mixing
+from llip_scale.factory import get_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,16 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("image", type=Path)
     p.add_argument("captions", nargs="+")
     p.add_argument("--out", type=Path, default=Path("mixing.png"))
-    p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the run's data.tokenizer)")
+    p.add_argument("--tokenizer", default=None,
+                   help="sentencepiece model or CLIP BPE merges (default: the model folder's own tokenizer)")
     args = p.parse_args(argv)
     try:
-        model, config = load_for_eval(args.model, torch.device("cpu"), "auto")
-        tok_path = args.tokenizer or config.get("data", {}).get("tokenizer")
-        if not tok_path:
-            raise ValueError("pass --tokenizer: the model folder names no tokenizer")
+        model, _ = load_for_eval(args.model, torch.device("cpu"), "auto")
         if not model.is_llip:
             raise ValueError(f"the model's head is '{model.cfg.head.kind}': only Llip mixes tokens per caption")
-        tokens = Tokenizer(tok_path, model.cfg.text.context_length)(args.captions)
+        tokens = get_tokenizer(args.tokenizer or args.model, model.cfg.text.context_length)(args.captions)
         raw = args.image.read_bytes()
     except (OSError, ValueError) as e:
         print(f"visualize_mixing: {e}", file=sys.stderr)

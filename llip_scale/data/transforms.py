@@ -100,3 +100,32 @@ def eval_image(data: bytes | Image.Image, size: int) -> torch.Tensor:
     """One evaluation image (bytes or PIL) -> float32 ``[3, size, size]``."""
     img = decode_image(data) if isinstance(data, (bytes, bytearray)) else data.convert("RGB")
     return normalize(eval_crop(img, size)[None])[0]
+
+
+class EvalTransform:
+    """open_clip-style ``preprocess_val``: a PIL image or encoded bytes -> float32 ``[3, S, S]``."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+
+    def __call__(self, image: bytes | Image.Image) -> torch.Tensor:
+        return eval_image(image, self.image_size)
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(resize short side to {self.image_size} (bicubic), center crop, OpenAI mean/std)"
+
+
+class TrainTransform:
+    """open_clip-style ``preprocess_train``: RandomResizedCrop (area ``scale``, bicubic) then the
+    OpenAI mean/std, the training loader's augmentation; draws from its own seeded generator."""
+
+    def __init__(self, image_size: int, scale: Sequence[float] = (0.9, 1.0), seed: int | None = None):
+        self.image_size, self.scale = image_size, tuple(scale)
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, image: bytes | Image.Image) -> torch.Tensor:
+        img = decode_image(image) if isinstance(image, (bytes, bytearray)) else image.convert("RGB")
+        return normalize(train_crop(img, self.image_size, self.rng, self.scale)[None])[0]
+
+    def __repr__(self) -> str:
+        return f"TrainTransform(RandomResizedCrop({self.image_size}, scale={self.scale}, bicubic), OpenAI mean/std)"

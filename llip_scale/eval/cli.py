@@ -56,23 +56,15 @@ def load_for_eval(path: Path, device: torch.device, backend: str) -> tuple[torch
         return load_pretrained(tmp, device, backend), config
 
 
-def resolve_tokenizer(args: argparse.Namespace, config: dict, model, path: Path):
-    """CLIP BPE (``--bpe-vocab``, or the merges file an imported folder holds) or sentencepiece
-    (``--tokenizer``, or the run's ``data.tokenizer``)."""
-    from llip_scale.tokenizers import build_tokenizer
+def resolve_tokenizer(args: argparse.Namespace, model) -> object:
+    """``--tokenizer`` / ``--bpe-vocab`` when given, else the model's own: the export's, the run's
+    ``data.tokenizer``, or CLIP BPE for a CLIP-vocabulary model (see ``llip_scale.get_tokenizer``)."""
+    from llip_scale.factory import get_tokenizer
 
-    ctx = model.cfg.text.context_length
-    spm = args.tokenizer or (config.get("data") or {}).get("tokenizer")
-    bpe = args.bpe_vocab
-    if not bpe and not spm:
-        found = sorted((path if path.is_dir() else path.parent).glob("bpe_simple_vocab*.txt.gz"))
-        bpe = found[0] if found else None
-    if not bpe and not spm:
-        raise ValueError("no tokenizer: pass --tokenizer FILE (sentencepiece) or --bpe-vocab FILE (CLIP BPE merges)")
-    for f in (bpe, spm):
-        if f and not Path(f).is_file():
-            raise FileNotFoundError(f"tokenizer file {f} does not exist; fix the path")
-    return build_tokenizer(ctx, bpe_vocab=bpe) if bpe else build_tokenizer(ctx, spm_model=spm)
+    chosen = args.tokenizer or args.bpe_vocab
+    if chosen and not Path(chosen).is_file():
+        raise FileNotFoundError(f"tokenizer file {chosen} does not exist; fix the path")
+    return get_tokenizer(chosen or args.path, model.cfg.text.context_length)
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -81,7 +73,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--dataset", action="append", default=[], metavar="NAME=ROOT",
                    help="benchmark set in its native layout (repeatable): imagenet1k, imagenet-v2, imagenet-r, "
                         "imagenet-a, imagenet-sketch, cifar10, cifar100, coco, flickr30k, wds")
-    p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the run's data.tokenizer)")
+    p.add_argument("--tokenizer", default=None,
+                   help="sentencepiece model or CLIP BPE merges (default: the export's, the run's data.tokenizer, "
+                        "or CLIP BPE for a CLIP-vocabulary model)")
     p.add_argument("--bpe-vocab", default=None, help="CLIP BPE merges file (bpe_simple_vocab_16e6.txt.gz)")
     p.add_argument("--zeroshot", default=None, help="zero-shot folder (default: the run's eval.zeroshot_dir)")
     p.add_argument("--retrieval", default=None, help="retrieval folder (default: the run's eval.retrieval_dir)")
@@ -128,7 +122,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         zs, rt = args.zeroshot or ev.get("zeroshot_dir", ""), args.retrieval or ev.get("retrieval_dir", "")
         if not (benches or zs or rt):
             raise ValueError("say what to evaluate: --dataset NAME=ROOT and/or --zeroshot DIR / --retrieval DIR")
-        tokenizer = resolve_tokenizer(args, config, model, args.path)
+        tokenizer = resolve_tokenizer(args, model)
         metrics = {}
         if zs or rt:
             metrics = evaluate(model, tokenizer, model.cfg.vision.image_size, device, zeroshot_dir=zs,

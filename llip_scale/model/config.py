@@ -9,6 +9,13 @@ HeadKind = Literal["llip", "siglip", "clip", "registers", "meanpool"]
 # MLP activation; "quick_gelu" (x * sigmoid(1.702 x)) is what the official Llip/OpenAI CLIP
 # checkpoints were trained with, so imported weights need it to reproduce their features.
 Activation = Literal["gelu", "quick_gelu"]
+# Init of the transformer blocks: "clip" (normal, scaled with width and depth; what the text
+# tower always gets) or "torch" (PyTorch's defaults for nn.MultiheadAttention and nn.Linear:
+# what the official Llip vision tower keeps, as its ViT has no init of its own).
+BlockInit = Literal["clip", "torch"]
+# Projection of the pooled baselines: "shared" (one [width, E] matrix) or "per_token" (one per
+# token, [K, width, E], as the official controls: meanpool averages s_k @ P_k, the others use P_0).
+PoolProjection = Literal["shared", "per_token"]
 
 
 def _check(ok: bool, message: str) -> None:
@@ -27,9 +34,15 @@ class VisionConfig:
     mlp_dim: int = 3072
     num_tokens: int = 32  # K learnable mixture tokens in place of CLS (K=1: a CLS ViT)
     activation: Activation = "gelu"
+    block_init: BlockInit = "clip"
+    # The official "all tokens" variant: the patch outputs are mixture tokens too, so the head
+    # mixes K + grid^2 tokens, each with its own key/value projection.
+    all_tokens: bool = False
 
     def validate(self, name: str) -> None:
         _check(self.num_tokens >= 1, f"{name}.num_tokens (K) must be >= 1, got {self.num_tokens}")
+        _check(self.block_init in ("clip", "torch"), f"{name}.block_init must be 'clip' or 'torch', "
+               f"got '{self.block_init}'")
         _check(self.image_size % self.patch_size == 0,
                f"{name}.image_size={self.image_size} is not divisible by {name}.patch_size={self.patch_size}")
         _check(self.width % self.heads == 0,
@@ -40,6 +53,11 @@ class VisionConfig:
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
+
+    @property
+    def num_outputs(self) -> int:
+        """Tokens the tower outputs, the head's K: the mixture tokens, plus the patches with all_tokens."""
+        return self.num_tokens + (self.grid ** 2 if self.all_tokens else 0)
 
 
 @dataclass
@@ -71,8 +89,11 @@ class HeadConfig:
     init_logit_scale: Optional[float] = None  # default: ln(1/0.07) (clip, llip), ln(10) (siglip family)
     init_logit_bias: float = -10.0
     max_logit_scale: float = math.log(100.0)
+    pool_proj: PoolProjection = "shared"  # the pooled baselines' image projection
 
     def validate(self, name: str) -> None:
+        _check(self.pool_proj in ("shared", "per_token"),
+               f"{name}.pool_proj must be 'shared' or 'per_token', got '{self.pool_proj}'")
         _check(self.embed_dim >= 1, f"{name}.embed_dim must be >= 1")
         _check(self.num_heads >= 1 and self.embed_dim % self.num_heads == 0,
                f"{name}.embed_dim={self.embed_dim} is not divisible by {name}.num_heads={self.num_heads}")

@@ -7,6 +7,12 @@ Llip:      images -> VisionTransformer -> s [B, K, width] -> per-token k/v proje
 Baselines: one pooled image vector (token 0: ``siglip``/``clip``/``registers``; mean of the K
            tokens: ``meanpool``) projected to E and scored by a dot product.
 
+Inference (open_clip style): ``encode_image`` / ``encode_text`` give the features the head
+scores, ``score`` takes features or raw images and tokens, and ``image_embedding`` /
+``text_embedding`` give one unit vector per image / text, independent of any caption (Llip:
+the image's values mixed with uniform weights, or with one given query, see
+:func:`mix_tokens`), for kNN, linear probes or image-to-image search.
+
 Parameters are only read inside the forward of the module that owns them, so the model works
 under DeepSpeed ZeRO-3, which gathers a module's parameters just for its own forward.
 Distributed training passes ``gather`` (an all-gather with gradient) and the positive
@@ -55,6 +61,23 @@ class LlipImageProjection(nn.Module):
         return self.k_norm(keys), self.v_norm(values)
 
 
+def mix_tokens(keys: Tensor, values: Tensor, w_o: Tensor, query: Optional[Tensor], num_heads: int,
+               tau: float) -> Tensor:
+    """One mixed vector per image, z [B, E]: per head, the values weighted by
+    ``softmax_k(<key, query> / tau)`` (or uniformly, ``1/K``, when ``query`` is None), then
+    ``@ W_o``. ``query`` is [E] (shared) or [B, E]; keys, values [B, K, E]."""
+    b, k, e = values.shape
+    d = e // num_heads
+    if query is None:
+        weights = values.new_full((b, num_heads, k), 1.0 / k)
+    else:
+        q = query.to(keys.dtype).expand(b, e).reshape(b, num_heads, d)
+        logits = torch.einsum("bkhd,bhd->bhk", keys.reshape(b, k, num_heads, d), q)
+        weights = torch.softmax(logits / tau, dim=-1)  # [B, H, K]
+    mixed = torch.einsum("bhk,bkhd->bhd", weights, values.reshape(b, k, num_heads, d))
+    return mixed.reshape(b, e) @ w_o
+
+
 class LlipPairHead(nn.Module):
     """Owns W_o, logit scale and bias; runs the all-pairs computation in its forward."""
 
@@ -67,9 +90,11 @@ class LlipPairHead(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(cfg.head.logit_scale_init()))
         self.logit_bias = nn.Parameter(torch.tensor(cfg.head.init_logit_bias))
 
-    def forward(self, keys: Tensor, values: Tensor, queries: Tensor, targets: Tensor, *,
+    def forward(self, keys: Tensor, values: Tensor, queries: Optional[Tensor], targets: Optional[Tensor], *,
                 offset: int = 0, normalizer: Optional[float] = None, scores: bool = False,
-                tau: Optional[float] = None) -> Tensor:
+                tau: Optional[float] = None, mix: bool = False) -> Tensor:
+        if mix:  # one caption-independent vector per image (W_o is only read inside forward)
+            return mix_tokens(keys, values, self.out_proj.to(keys.dtype), queries, self.num_heads, tau or self.tau)
         kw = dict(num_heads=self.num_heads, tau=tau or self.tau, backend=self.backend,
                   chunk_size=self.chunk_size)
         args = (keys, values, self.out_proj.to(keys.dtype), queries, targets, self.logit_scale, self.logit_bias)
@@ -79,20 +104,33 @@ class LlipPairHead(nn.Module):
 
 
 class PooledHead(nn.Module):
-    """One image vector: token 0 (siglip, clip, registers) or the mean of the K tokens (meanpool)."""
+    """One image vector: token 0 (siglip, clip, registers) or the mean of the K tokens (meanpool).
+
+    ``pool_proj: per_token`` gives each token its own projection ``P_k`` (the official controls):
+    meanpool is then ``mean_k(s_k @ P_k)`` and the others ``s_0 @ P_0``.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.kind = cfg.head.kind
-        self.proj = nn.Linear(cfg.vision.width, cfg.head.embed_dim, bias=False)
-        nn.init.normal_(self.proj.weight, std=cfg.vision.width ** -0.5)
+        w, e = cfg.vision.width, cfg.head.embed_dim
+        if cfg.head.pool_proj == "per_token":
+            self.proj = nn.Parameter(w ** -0.5 * torch.randn(cfg.vision.num_outputs, w, e))  # [K, width, E]
+        else:
+            self.proj = nn.Linear(w, e, bias=False)
+            nn.init.normal_(self.proj.weight, std=w ** -0.5)
         self.logit_scale = nn.Parameter(torch.tensor(cfg.head.logit_scale_init()))
         # InfoNCE is shift-invariant per row: CLIP has no bias to learn.
         self.logit_bias = None if self.kind == "clip" else nn.Parameter(torch.tensor(cfg.head.init_logit_bias))
 
     def pool(self, s: Tensor) -> Tensor:
-        vec = s.mean(dim=1) if self.kind == "meanpool" else s[:, 0]
-        return F.normalize(self.proj(vec), dim=-1)  # [B, E]
+        if isinstance(self.proj, nn.Linear):
+            vec = self.proj(s.mean(dim=1) if self.kind == "meanpool" else s[:, 0])
+        elif self.kind == "meanpool":
+            vec = torch.einsum("bkw,kwe->be", s, self.proj.to(s.dtype)) / s.shape[1]  # mean_k(s_k P_k)
+        else:
+            vec = s[:, 0] @ self.proj[0].to(s.dtype)
+        return F.normalize(vec, dim=-1)  # [B, E]
 
     def forward(self, images: Tensor, texts: Tensor, all_images: Optional[Tensor], all_texts: Tensor, *,
                 offset: int = 0, normalizer: Optional[float] = None, scores: bool = False) -> Tensor:
@@ -118,7 +156,7 @@ class ContrastiveModel(nn.Module):
         nn.init.normal_(self.text_projection.weight, std=tw ** -0.5)
         self.is_llip = cfg.head.kind == "llip"
         if self.is_llip:
-            self.image_proj = LlipImageProjection(cfg.vision.num_tokens, cfg.vision.width, e, cfg.head.use_norm)
+            self.image_proj = LlipImageProjection(cfg.vision.num_outputs, cfg.vision.width, e, cfg.head.use_norm)
             self.q_proj = nn.Linear(tw, e, bias=False)  # W_q: the queries
             nn.init.normal_(self.q_proj.weight, std=tw ** -0.5)
             self.q_norm = _norm(e, cfg.head.use_norm)
@@ -139,11 +177,33 @@ class ContrastiveModel(nn.Module):
             return self.q_norm(self.q_proj(h)), self.text_projection(h)
         return (F.normalize(self.text_projection(h), dim=-1),)
 
-    def score(self, image_features: Features, text_features: Features, tau: Optional[float] = None) -> Tensor:
-        """Scores [N_images, N_texts] (the logits of the sigmoid loss)."""
+    def score(self, images: Tensor | Features, texts: Tensor | Features, tau: Optional[float] = None) -> Tensor:
+        """Scores [N_images, N_texts] (the logits of the sigmoid loss; Llip: every image mixed
+        for every text by the pair head's backend). ``images``: [N, 3, S, S] or the features of
+        ``encode_image``; ``texts``: tokens [M, L] or the features of ``encode_text``."""
+        image_features = self.encode_image(images) if isinstance(images, Tensor) else images
+        text_features = self.encode_text(texts) if isinstance(texts, Tensor) else texts
         if self.is_llip:
             return self.head(*image_features, *text_features, scores=True, tau=tau)
         return self.head(image_features[0], text_features[0], None, None, scores=True)
+
+    def image_embedding(self, images: Tensor | Features, query: Optional[Tensor] = None,
+                        tau: Optional[float] = None) -> Tensor:
+        """A caption-independent unit vector per image, [N, E], comparable by cosine with
+        ``text_embedding`` and with other images. Llip: the K values mixed with uniform weights
+        (``query`` None: every token weighs 1/K in every head) or by one query [E] for all
+        images (e.g. the mean of ``encode_text(tokens)[0]`` over a set of captions), then
+        ``@ W_o``; baselines: the pooled image vector. ``images``: [N, 3, S, S] or the features
+        of ``encode_image``."""
+        features = self.encode_image(images) if isinstance(images, Tensor) else images
+        if not self.is_llip:
+            return features[0]
+        return F.normalize(self.head(*features, query, None, mix=True, tau=tau), dim=-1)
+
+    def text_embedding(self, tokens: Tensor) -> Tensor:
+        """A unit vector per text, [M, E]: the normalised target (what Llip's mixed image vectors
+        are compared with)."""
+        return F.normalize(self.encode_text(tokens)[-1], dim=-1)
 
     # -- training ---------------------------------------------------------------------------
     def forward(self, images: Tensor, tokens: Tensor, gather: Optional[Gather] = None, offset: int = 0) -> Tensor:

@@ -77,3 +77,13 @@ def init_transformer(t: Transformer, width: int, depth: int) -> None:
         nn.init.zeros_(block.attn.out_proj.bias)
         nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
         nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+
+def init_transformer_torch_default(t: Transformer) -> None:
+    """The init a block of ``nn.MultiheadAttention`` + ``nn.Linear`` MLP gets from PyTorch itself
+    (what the official Llip vision tower keeps): Xavier-uniform fused q/k/v weights, zero
+    attention biases; the output projection and the MLP keep nn.Linear's default."""
+    for block in t.resblocks:
+        nn.init.xavier_uniform_(block.attn.in_proj.weight)
+        nn.init.zeros_(block.attn.in_proj.bias)
+        nn.init.zeros_(block.attn.out_proj.bias)

@@ -2,7 +2,8 @@
 
 images [B, 3, S, S] -> patches [B, grid^2, width] -> prepend K tokens -> + positional embedding
 (grid^2 + K positions) -> ln_pre -> transformer -> ln_post on the K token outputs [B, K, width].
-Patch outputs are dropped; there is no visual projection (the head owns the projections).
+Patch outputs are dropped (``all_tokens``: kept, [B, K + grid^2, width], the official "all
+tokens" variant); there is no visual projection (the head owns the projections).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from llip_scale.model.config import VisionConfig
-from llip_scale.model.transformer import Transformer, init_transformer
+from llip_scale.model.transformer import Transformer, init_transformer, init_transformer_torch_default
 
 
 class VisionTransformer(nn.Module):
@@ -25,11 +26,14 @@ class VisionTransformer(nn.Module):
         self.ln_pre = nn.LayerNorm(w)
         self.transformer = Transformer(w, cfg.depth, cfg.heads, cfg.mlp_dim, cfg.activation)
         self.ln_post = nn.LayerNorm(w)
-        init_transformer(self.transformer, w, cfg.depth)
+        if cfg.block_init == "clip":
+            init_transformer(self.transformer, w, cfg.depth)
+        else:
+            init_transformer_torch_default(self.transformer)
 
     def forward(self, images: Tensor) -> Tensor:
         x = self.conv1(images).flatten(2).transpose(1, 2)  # [B, grid^2, width]
         tokens = self.mixture_tokens.to(x.dtype).expand(x.shape[0], -1, -1)  # [B, K, width]
         x = torch.cat([tokens, x], dim=1) + self.positional_embedding.to(x.dtype)
         x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, : self.cfg.num_tokens])  # [B, K, width]
+        return self.ln_post(x[:, : self.cfg.num_outputs])  # [B, K, width] (all_tokens: K + grid^2)
