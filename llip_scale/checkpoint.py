@@ -5,17 +5,20 @@ Layout of one checkpoint, ``RUN/checkpoints/step_0000001000/``:
     (DeepSpeed files)       model, optimizer and scheduler states of every rank
     train_state_rank00000.pt ...  per-rank train state: step counters, data state, RNG states
     config.yaml             the resolved config of the run
-    complete.json           written last, by rank 0, after a barrier: step, world size and the
-                            size of every file above
+    complete.json           written last, by rank 0, after a barrier: step, world size, and
+                            the size and CRC-32 of every file above
 
-Save: every rank writes its DeepSpeed shard and its train state -> barrier -> rank 0 writes the
-marker -> barrier -> rank 0 deletes old checkpoints beyond ``keep_last``. Resume: newest first,
-a checkpoint without a readable marker, or whose files are missing or not the recorded size, is
-skipped with a warning saying why; one that fails to load on any rank is skipped the same way
-(all ranks agree on the outcome), and skipped folders are renamed ``*.skipped``. A checkpoint
-whose files have the recorded sizes but corrupt contents inside DeepSpeed's own files can stop
-the ranks out of step; the size check covers interrupted and cut-short writes. Export rebuilds the full fp32 weights into one safetensors
-file next to the model config, which :func:`llip_scale.load_pretrained` reads.
+Save: every rank writes its DeepSpeed shard and its train state -> barrier -> each rank
+checksums the files it wrote (still in its page cache; several files in parallel threads) ->
+rank 0 gathers the sizes and checksums into the marker -> barrier -> rank 0 deletes old
+checkpoints beyond ``keep_last``. Resume: newest first, a checkpoint without a readable marker,
+or whose files are missing, not the recorded size, or not the recorded checksum (bit rot, a copy
+cut short and padded), is skipped with a warning saying why; each rank checks its own share of
+the files, so the check reads every byte once across the ranks. One that fails to load on any
+rank is skipped the same way (all ranks agree on the outcome), and skipped folders are renamed
+``*.skipped``. ``llip-train --verify-checkpoint PATH`` runs the same checks on one folder.
+Export rebuilds the full fp32 weights into one safetensors file next to the model config, which
+:func:`llip_scale.load_pretrained` reads.
 """
 from __future__ import annotations
 
@@ -25,7 +28,10 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -113,6 +119,57 @@ def _torch_bytes(obj: Any) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------
+# checksums
+# ---------------------------------------------------------------------------------------------
+
+# CRC-32 is made for catching corrupted bytes (every burst of up to 32 bits, so any one flipped
+# byte) and zlib computes it at several GB/s with the GIL released, so threads run in parallel.
+_CHUNK = 16 << 20
+_RANK_IN_NAME = re.compile(r"(?:pp_rank_|rank)(\d+)")
+
+
+def crc32_file(path: Path) -> tuple[int, str]:
+    """(size, CRC-32 as 8 hex digits) of one file, read in chunks."""
+    crc, size, buf = 0, 0, bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+            size += n
+    return size, f"{crc:08x}"
+
+
+def checksum_files(folder: Path, names: list[str]) -> dict[str, tuple[int, str]]:
+    """name -> (size, CRC-32) for ``names`` under ``folder``, several files at a time."""
+    if not names:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
+        return dict(zip(names, pool.map(lambda name: crc32_file(folder / name), names)))
+
+
+def owner(name: str, world_size: int) -> int:
+    """The rank that checksums a file: the rank in its name (DeepSpeed's ``zero_pp_rank_R``, our
+    ``train_state_rankRRRRR``), which wrote it and has it in its page cache; else rank 0."""
+    m = _RANK_IN_NAME.search(name)
+    return int(m.group(1)) % world_size if m else 0
+
+
+def _mine(names: list[str], env: DistEnv) -> list[str]:
+    return [n for n in names if owner(n, env.world_size) == env.rank]
+
+
+def mismatches(folder: Path, expected: dict[str, str], names: Optional[list[str]] = None) -> list[str]:
+    """One line per file of ``names`` (default: all) whose contents differ from its recorded CRC."""
+    names = sorted(expected) if names is None else [n for n in names if n in expected]
+    out = []
+    for name, (_, crc) in checksum_files(folder, names).items():
+        if crc != expected[name]:
+            out.append(f"{name} does not match its checksum (CRC-32 {crc} read, {expected[name]} written): "
+                       "its contents changed after the save")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # save and retention
 # ---------------------------------------------------------------------------------------------
 
@@ -130,10 +187,15 @@ def save(engine: Engine, cfg: Config, step: int, rank_state: dict, env: DistEnv)
     if env.is_main:
         _write_atomic(path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
     barrier()
+    names = broadcast_object([str(f.relative_to(path)) for f in sorted(path.rglob("*")) if f.is_file()]
+                             if env.is_main else None)
+    sums: dict[str, tuple[int, str]] = {}
+    for part in all_gather_objects(checksum_files(path, _mine(names, env))):
+        sums.update(part)
     if env.is_main:
-        files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
         marker = {"step": step, "world_size": env.world_size, "zero_stage": cfg.distributed.zero_stage,
-                  "time": datetime.datetime.now().isoformat(timespec="seconds"), "files": files}
+                  "time": datetime.datetime.now().isoformat(timespec="seconds"),
+                  "files": {n: sums[n][0] for n in names}, "crc32": {n: sums[n][1] for n in names}}
         _write_atomic(path / MARKER, json.dumps(marker, indent=1).encode())
     barrier()
     if env.is_main:
@@ -163,36 +225,66 @@ def prune(run_dir: str | os.PathLike, keep_last: int, current: int) -> list[Path
 # resume
 # ---------------------------------------------------------------------------------------------
 
-def problem(path: Path, world_size: Optional[int] = None) -> Optional[str]:
-    """Why the checkpoint at ``path`` cannot be used, or None when it looks complete.
-    Raises :class:`ResumeError` when it was written by a different number of ranks."""
+def read_marker(path: Path) -> dict:
+    """The completion marker of ``path``; ValueError saying why it cannot be used."""
     marker = path / MARKER
     if not marker.is_file():
-        return "it has no completion marker (its write was interrupted)"
+        raise ValueError("it has no completion marker (its write was interrupted)")
     try:
         info = json.loads(marker.read_text())
-        files = dict(info["files"])
-        saved_world = int(info["world_size"])
+        info["files"], info["world_size"] = dict(info["files"]), int(info["world_size"])
+        info["crc32"] = dict(info.get("crc32", {}))  # absent in markers of older versions: sizes only
     except (ValueError, KeyError, TypeError) as e:
-        return f"its completion marker is unreadable ({e})"
+        raise ValueError(f"its completion marker is unreadable ({e})") from None
+    return info
+
+
+def problems(path: Path, world_size: Optional[int] = None, contents: bool = True) -> list[str]:
+    """Every reason the checkpoint at ``path`` cannot be used (empty when it is sound): no or an
+    unreadable marker, files missing or not the recorded size, and with ``contents`` files whose
+    bytes are not the recorded checksum. Raises :class:`ResumeError` when it was written by a
+    different number of ranks."""
+    try:
+        info = read_marker(path)
+    except ValueError as e:
+        return [str(e)]
+    saved_world = info["world_size"]
     if world_size is not None and saved_world != world_size:
         raise ResumeError(f"{path} was written by {saved_world} ranks but this run has {world_size}; "
                           f"rerun with {saved_world} ranks, or export it and start a new run")
-    for rel, size in files.items():
+    out = []
+    for rel, size in info["files"].items():
         f = path / rel
         if not f.is_file():
-            return f"{rel} is missing"
-        if f.stat().st_size != size:
-            return f"{rel} has {f.stat().st_size} bytes where {size} were written"
-    return None
+            out.append(f"{rel} is missing")
+        elif f.stat().st_size != size:
+            out.append(f"{rel} has {f.stat().st_size} bytes where {size} were written")
+    if contents and not out:
+        out += mismatches(path, info["crc32"])
+    return out
+
+
+def problem(path: Path, world_size: Optional[int] = None, contents: bool = True) -> Optional[str]:
+    """The first of :func:`problems`, or None when the checkpoint is sound."""
+    found = problems(path, world_size, contents)
+    return found[0] if found else None
 
 
 def _inspect(path: Path, world_size: int) -> tuple[Optional[str], bool]:
-    """(reason it is unusable or None, whether that reason must stop the run), on rank 0."""
+    """(reason it is unusable or None, whether that reason must stop the run), on rank 0; the
+    structure only: the contents are checked by all ranks together (:func:`_verify_contents`)."""
     try:
-        return problem(path, world_size), False
+        return problem(path, world_size, contents=False), False
     except ResumeError as e:
         return str(e), True
+
+
+def _verify_contents(path: Path, env: DistEnv) -> Optional[str]:
+    """Every rank checksums its share of the files (a collective); the first mismatch, or None."""
+    expected = broadcast_object(read_marker(path)["crc32"] if env.is_main else None)
+    found = all_gather_objects(mismatches(path, expected, _mine(sorted(expected), env)))
+    reasons = [r for per_rank in found for r in per_rank]
+    return "; ".join(reasons) if reasons else None
 
 
 def _on_all_ranks(action: Callable[[], Any], env: DistEnv, what: str) -> tuple[Any, Optional[str]]:
@@ -234,6 +326,8 @@ def resume(engine: Engine, run_dir: str | os.PathLike, env: DistEnv) -> Optional
         if fatal:
             raise ResumeError(why)
         if why is None:
+            why = _verify_contents(found.path, env)
+        if why is None:
             loaded, why, touched = _load(engine, found, env)
             tainted = found.path if touched else tainted
             if loaded is not None:
@@ -253,6 +347,32 @@ def resume(engine: Engine, run_dir: str | os.PathLike, env: DistEnv) -> Optional
         raise ResumeError(f"no checkpoint under {checkpoint_root(run_dir)} could be loaded and loading {tainted} "
                           "failed part-way; move the folder away to start the run over")
     return loaded
+
+
+def verify(path: str | os.PathLike) -> tuple[bool, list[str]]:
+    """(all sound, one line per checkpoint) for a checkpoint folder, or each checkpoint of a run
+    folder: what ``llip-train --verify-checkpoint`` prints."""
+    path = Path(path)
+    if not path.is_dir():
+        return False, [f"{path}: no such folder; pass RUN/checkpoints/step_XXXXXXXXXX or a run folder"]
+    folders = [f.path for f in list_checkpoints(path)] if checkpoint_root(path).is_dir() else [path]
+    if not folders:
+        return False, [f"{path}: holds no step_* checkpoint folders"]
+    lines, ok = [], True
+    for folder in folders:
+        found = problems(folder)
+        ok = ok and not found
+        lines.append(f"{folder}: " + ("; ".join(found) + "; a resume skips this checkpoint (restore it from a "
+                                      "copy or delete it)" if found else _sound(folder)))
+    return ok, lines
+
+
+def _sound(folder: Path) -> str:
+    info = read_marker(folder)
+    how = "sizes and CRC-32 checksums match" if info["crc32"] else "sizes match (written without checksums)"
+    total = sum(info["files"].values())
+    return (f"ok: step {info['step']}, {info['world_size']} ranks, {len(info['files'])} files, "
+            f"{total / 2 ** 20:.1f} MiB; {how}")
 
 
 # ---------------------------------------------------------------------------------------------

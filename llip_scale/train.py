@@ -52,10 +52,24 @@ class TrainState:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="llip-train", description=__doc__.splitlines()[0])
-    p.add_argument("config", help="YAML config file, or the name of a packaged config (e.g. demo)")
+    p.add_argument("config", nargs="?", help="YAML config file, or the name of a packaged config (e.g. demo)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.vision.width=64")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    return p.parse_args(argv)
+    p.add_argument("--verify-checkpoint", metavar="PATH",
+                   help="check a checkpoint folder (or every checkpoint of a run folder) byte for byte and exit")
+    args = p.parse_args(argv)
+    if args.config is None and args.verify_checkpoint is None:
+        p.error("the following arguments are required: config")
+    return args
+
+
+def verify_checkpoint(path: str) -> int:
+    """``--verify-checkpoint``: one line per checkpoint; exit 1 when any is broken."""
+    from llip_scale.checkpoint import verify
+
+    ok, lines = verify(path)
+    print("\n".join(lines), file=sys.stdout if ok else sys.stderr)
+    return EXIT_OK if ok else EXIT_ERROR
 
 
 def prepare(args: argparse.Namespace) -> Config:
@@ -66,6 +80,8 @@ def cli(argv: list[str] | None = None) -> int:
     from llip_scale.distributed import launch_env
 
     args = parse_args(argv)
+    if args.verify_checkpoint is not None:
+        return verify_checkpoint(args.verify_checkpoint)
     rank = launch_env()[0]
     try:
         cfg = prepare(args)

@@ -25,7 +25,7 @@ def find_checkpoint(path: Path) -> Optional[Path]:
     if (path / "complete.json").is_file() or path.name.startswith("step_"):
         return path
     for found in list_checkpoints(path):
-        if problem(found.path) is None:
+        if problem(found.path, contents=False) is None:  # export checks the contents
             return found.path
     return None
 
