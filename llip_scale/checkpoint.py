@@ -381,7 +381,7 @@ def _sound(folder: Path) -> str:
 
 def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Consolidate a checkpoint (any ZeRO stage) into ``out_dir/model.safetensors`` + ``config.yaml``."""
-    from safetensors.torch import save_file
+    from llip_scale.pretrained import save_weights
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if not checkpoint.is_dir():
@@ -393,6 +393,6 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     state = consolidated_state_dict(checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     step = json.loads((checkpoint / MARKER).read_text())["step"]
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"step": str(step), "format": "pt"})
+    save_weights(state, out_dir / "model.safetensors", metadata={"step": str(step), "format": "pt"})
     (out_dir / "config.yaml").write_text(yaml.safe_dump({"model": model_cfg}, sort_keys=False))
     return out_dir / "model.safetensors"
