@@ -193,14 +193,21 @@ def save(engine: Engine, cfg: Config, step: int, rank_state: dict, env: DistEnv)
     for part in all_gather_objects(checksum_files(path, _mine(names, env))):
         sums.update(part)
     if env.is_main:
-        marker = {"step": step, "world_size": env.world_size, "zero_stage": cfg.distributed.zero_stage,
-                  "time": datetime.datetime.now().isoformat(timespec="seconds"),
-                  "files": {n: sums[n][0] for n in names}, "crc32": {n: sums[n][1] for n in names}}
-        _write_atomic(path / MARKER, json.dumps(marker, indent=1).encode())
+        write_marker(path, step, env.world_size, cfg.distributed.zero_stage, sums)
     barrier()
     if env.is_main:
         prune(cfg.run_dir, cfg.checkpoint.keep_last, step)
     return path
+
+
+def write_marker(path: Path, step: int, world_size: int, zero_stage: int, sums: dict[str, tuple[int, str]]) -> None:
+    """The completion marker: what was written (name -> (size, CRC-32)) and by how many ranks."""
+    items = sorted(sums.items())
+    marker = {"step": step, "world_size": world_size, "zero_stage": zero_stage,
+              "time": datetime.datetime.now().isoformat(timespec="seconds"),
+              "files": {n: size for n, (size, _) in items}, "crc32": {n: crc for n, (_, crc) in items}}
+    marker["marker_crc32"] = _marker_crc(marker)
+    _write_atomic(path / MARKER, json.dumps(marker, indent=1).encode())
 
 
 def prune(run_dir: str | os.PathLike, keep_last: int, current: int) -> list[Path]:
@@ -225,16 +232,25 @@ def prune(run_dir: str | os.PathLike, keep_last: int, current: int) -> list[Path
 # resume
 # ---------------------------------------------------------------------------------------------
 
+def _marker_crc(marker: dict) -> str:
+    """The marker's checksum of its own contents (so a changed step or world size is caught too)."""
+    content = {k: v for k, v in marker.items() if k != "marker_crc32"}
+    return f"{zlib.crc32(json.dumps(content, sort_keys=True).encode()):08x}"
+
+
 def read_marker(path: Path) -> dict:
     """The completion marker of ``path``; ValueError saying why it cannot be used."""
     marker = path / MARKER
     if not marker.is_file():
         raise ValueError("it has no completion marker (its write was interrupted)")
     try:
-        info = json.loads(marker.read_text())
+        info = json.loads(marker.read_bytes().decode())
+        # markers of older versions carry sizes only: no checksums to compare
+        if "marker_crc32" in info and info["marker_crc32"] != _marker_crc(info):
+            raise ValueError("it does not match its own checksum")
         info["files"], info["world_size"] = dict(info["files"]), int(info["world_size"])
-        info["crc32"] = dict(info.get("crc32", {}))  # absent in markers of older versions: sizes only
-    except (ValueError, KeyError, TypeError) as e:
+        info["crc32"] = dict(info.get("crc32", {}))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"its completion marker is unreadable ({e})") from None
     return info
 

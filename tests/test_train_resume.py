@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from _train_helpers import (checkpoint_differences, metrics, newest_complete, start, tail, train_command,
-                            write_config)
+from _train_helpers import (HANG_LIMIT_S, checkpoint_differences, metrics, newest_complete, start, tail,
+                            train_command, write_config)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers in Linux /proc")]
@@ -46,12 +46,12 @@ def kill_all(proc, workers: list[int]) -> None:
             pass
 
 
-def interrupt(procs: dict, tmp: Path, timeout: float = 240) -> None:
+def interrupt(procs: dict, tmp: Path, timeout: float = HANG_LIMIT_S) -> None:
     """Signal one rank of b0 after its first step; SIGKILL b3 once its step-4 checkpoint is done."""
     marker = tmp / "b3" / FINAL.replace("8", "4") / "complete.json"
     b3_workers: list[int] = []
     signalled = killed = False
-    deadline = time.time() + timeout
+    deadline = time.monotonic() + timeout
     while not (signalled and killed):
         if len(b3_workers) < 2:
             b3_workers = worker_pids(procs["b3"])
@@ -62,7 +62,7 @@ def interrupt(procs: dict, tmp: Path, timeout: float = 240) -> None:
             kill_all(procs["b3"], b3_workers)
             killed = True
         ended = [name for name, done in (("b0", signalled), ("b3", killed)) if not done and procs[name].poll() is not None]
-        if ended or time.time() > deadline:
+        if ended or time.monotonic() > deadline:
             for proc in procs.values():
                 kill_all(proc, worker_pids(proc))
             raise AssertionError(f"runs {ended} ended (or timed out) before being interrupted: "
@@ -91,12 +91,13 @@ def runs(tmp_path_factory) -> dict:
             for name in ("a0", "b0", "a3", "b3")}
     procs = {name: start(cmd) for name, cmd in cmds.items()}
     interrupt(procs, tmp)
-    out = {name: {"log": proc.communicate(timeout=240)[0], "code": proc.returncode} for name, proc in procs.items()}
+    out = {name: {"log": proc.communicate(timeout=HANG_LIMIT_S)[0], "code": proc.returncode}
+           for name, proc in procs.items()}
     out["stopped0"], out["killed3"] = newest_complete(tmp / "b0"), newest_complete(tmp / "b3")
     plant_broken_checkpoints(tmp / "b3" / "checkpoints")
     again = {name: start(cmds[name]) for name in ("b0", "b3")}  # the same commands, rerun
     for name, proc in again.items():
-        out[f"{name}_resumed"] = {"log": proc.communicate(timeout=240)[0], "code": proc.returncode}
+        out[f"{name}_resumed"] = {"log": proc.communicate(timeout=HANG_LIMIT_S)[0], "code": proc.returncode}
     out["dir"] = tmp
     return out
 
