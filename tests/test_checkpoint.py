@@ -157,6 +157,7 @@ def test_verify_reports_each_checkpoint_of_a_run(tmp_path):
     flip_byte(bad / "model.pt", 7)
     ok, lines = verify(tmp_path)
     assert not ok and len(lines) == 2
-    assert lines[0].startswith(f"{bad}: model.pt does not match its checksum") and "a resume skips this checkpoint" in lines[0]
+    assert lines[0].startswith(f"{bad}: model.pt does not match its checksum")
+    assert "a resume skips this checkpoint" in lines[0]
     assert lines[1].startswith(f"{good}: ok: step 10, 2 ranks, 3 files") and "CRC-32 checksums match" in lines[1]
     assert verify(good)[0] and not verify(tmp_path / "nope")[0]
