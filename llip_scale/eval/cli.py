@@ -60,6 +60,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--backend", default="auto", help="pair backend: auto, chunked, triton, reference")
     p.add_argument("--json", default=None, help="also write the metrics to this file")
     args = p.parse_args(argv)
+    from llip_scale.checkpoint import ResumeError
     from llip_scale.data import Tokenizer
     from llip_scale.eval.run import evaluate
 
@@ -74,7 +75,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         tokenizer = Tokenizer(tok_path, model.cfg.text.context_length)
         metrics = evaluate(model, tokenizer, model.cfg.vision.image_size, device, zeroshot_dir=zs,
                            retrieval_dir=rt, batch_size=args.batch_size, taus=args.taus)
-    except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
+    except (FileNotFoundError, ValueError, ResumeError) as e:  # ConfigError is a ValueError; a damaged checkpoint
         print(f"llip-eval: {e}", file=sys.stderr)
         return 2
     for key, value in metrics.items():
