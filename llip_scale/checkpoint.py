@@ -9,7 +9,7 @@ Layout of one checkpoint, ``RUN/checkpoints/step_0000001000/``:
                             the size and CRC-32 of every file above
 
 Save: every rank writes its DeepSpeed shard and its train state -> barrier -> each rank
-checksums the files it wrote (still in its page cache; several files in parallel threads) ->
+checksums the files it wrote (still in its page cache; 64 MiB blocks in parallel threads) ->
 rank 0 gathers the sizes and checksums into the marker -> barrier -> rank 0 deletes old
 checkpoints beyond ``keep_last``. Resume: newest first, a checkpoint without a readable marker,
 or whose files are missing, not the recorded size, or not the recorded checksum (bit rot, a copy
@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -122,29 +123,49 @@ def _torch_bytes(obj: Any) -> bytes:
 # checksums
 # ---------------------------------------------------------------------------------------------
 
-# CRC-32 is made for catching corrupted bytes (every burst of up to 32 bits, so any one flipped
-# byte) and zlib computes it at several GB/s with the GIL released, so threads run in parallel.
-_CHUNK = 16 << 20
+# CRC-32 is made for catching corrupted bytes: it catches every burst of up to 32 bits, so any one
+# flipped byte. A file's checksum is the CRC-32 of the CRC-32s of its 64 MiB blocks, so the blocks
+# of all files are checksummed in parallel threads (zlib and file reads release the GIL); a byte
+# flipped in a block changes that block's CRC, which changes the file's.
+_BLOCK = 64 << 20
 _RANK_IN_NAME = re.compile(r"(?:pp_rank_|rank)(\d+)")
 
 
-def crc32_file(path: Path) -> tuple[int, str]:
-    """(size, CRC-32 as 8 hex digits) of one file, read in chunks."""
-    crc, size, buf = 0, 0, bytearray(_CHUNK)
-    view = memoryview(buf)
+_buffers = threading.local()  # one reused block buffer per thread: no 64 MiB allocation per block
+
+
+def _block_crc(path: Path, offset: int) -> int:
+    buf = getattr(_buffers, "buf", None)
+    if buf is None or len(buf) != _BLOCK:
+        buf = _buffers.buf = bytearray(_BLOCK)
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            crc = zlib.crc32(view[:n], crc)
-            size += n
-    return size, f"{crc:08x}"
+        f.seek(offset)
+        n = f.readinto(buf)
+    return zlib.crc32(memoryview(buf)[:n])
+
+
+def _threads(tasks: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(tasks, cores, 32))
 
 
 def checksum_files(folder: Path, names: list[str]) -> dict[str, tuple[int, str]]:
-    """name -> (size, CRC-32) for ``names`` under ``folder``, several files at a time."""
-    if not names:
+    """name -> (size, checksum as 8 hex digits) for ``names`` under ``folder``."""
+    sizes = {name: (folder / name).stat().st_size for name in names}
+    blocks = [(name, offset) for name in names for offset in range(0, max(sizes[name], 1), _BLOCK)]
+    if not blocks:
         return {}
-    with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
-        return dict(zip(names, pool.map(lambda name: crc32_file(folder / name), names)))
+    with ThreadPoolExecutor(max_workers=_threads(len(blocks))) as pool:
+        crcs = list(pool.map(lambda block: _block_crc(folder / block[0], block[1]), blocks))
+    per_file: dict[str, bytes] = {name: b"" for name in names}
+    for (name, _), crc in zip(blocks, crcs):
+        per_file[name] += crc.to_bytes(4, "big")
+    return {name: (sizes[name], f"{zlib.crc32(per_file[name]):08x}") for name in names}
+
+
+def crc32_file(path: Path) -> tuple[int, str]:
+    """(size, checksum) of one file."""
+    return checksum_files(path.parent, [path.name])[path.name]
 
 
 def owner(name: str, world_size: int) -> int:

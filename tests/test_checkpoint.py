@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from llip_scale import checkpoint
 from llip_scale.checkpoint import (MARKER, ResumeError, checksum_files, crc32_file, export, list_checkpoints,
                                    owner, problem, problems, prune, read_marker, rng_state, set_rng_state, step_tag,
                                    verify, write_marker)
@@ -112,10 +113,19 @@ def flip_byte(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_crc32_of_a_file_matches_zlib_over_its_bytes(tmp_path):
-    data = bytes(range(256)) * 100_000  # several read chunks
+def test_a_files_checksum_is_the_crc32_of_its_blocks_crc32s(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "_BLOCK", 1000)
+    data = bytes(range(256)) * 10  # 2560 bytes: blocks of 1000, 1000, 560
     (tmp_path / "f").write_bytes(data)
-    assert crc32_file(tmp_path / "f") == (len(data), f"{zlib.crc32(data):08x}")
+    blocks = b"".join(zlib.crc32(data[i:i + 1000]).to_bytes(4, "big") for i in (0, 1000, 2000))
+    assert crc32_file(tmp_path / "f") == (len(data), f"{zlib.crc32(blocks):08x}")
+    (tmp_path / "empty").write_bytes(b"")
+    assert crc32_file(tmp_path / "empty") == (0, f"{zlib.crc32(zlib.crc32(b'').to_bytes(4, 'big')):08x}")
+    for offset in (0, 999, 1000, 2559):  # a flip in any block changes the file's checksum
+        flipped = bytearray(data)
+        flipped[offset] ^= 0x01
+        (tmp_path / "g").write_bytes(bytes(flipped))
+        assert crc32_file(tmp_path / "g")[1] != crc32_file(tmp_path / "f")[1]
 
 
 @pytest.mark.parametrize("name", ["model.pt", "train_state_rank00000.pt", "sub/shard.pt"])
