@@ -319,7 +319,11 @@ def _inspect(path: Path, world_size: int) -> tuple[Optional[str], bool]:
 def _verify_contents(path: Path, env: DistEnv) -> Optional[str]:
     """Every rank checksums its share of the files (a collective); the first mismatch, or None."""
     expected = broadcast_object(read_marker(path)["crc32"] if env.is_main else None)
-    found = all_gather_objects(mismatches(path, expected, _mine(sorted(expected), env)))
+    try:
+        mine = mismatches(path, expected, _mine(sorted(expected), env))
+    except OSError as e:  # still take part in the gather, or the other ranks would wait for this one
+        mine = [f"reading its files failed on rank {env.rank} ({e})"]
+    found = all_gather_objects(mine)
     reasons = [r for per_rank in found for r in per_rank]
     return "; ".join(reasons) if reasons else None
 

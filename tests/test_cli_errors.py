@@ -96,3 +96,24 @@ def test_a_log_file_receives_each_progress_line_as_it_happens(config, tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=HANG_LIMIT_S)
+
+
+def test_the_demo_checks_the_batch_split_before_training(demo_data, tmp_path):
+    paths = [f"data.shards={demo_data / 'train'}", f"data.tokenizer={demo_data / 'tokenizer.model'}",
+             f"eval.zeroshot_dir={demo_data / 'eval'}", f"eval.retrieval_dir={demo_data / 'eval'}"]
+    out = run([PYTHON, "-m", "llip_scale.demo", "--data", str(demo_data), "--nproc", "2",
+               f"run_dir={tmp_path / 'run'}", "batch_size=63", *paths])
+    assert_one_line(out, 2, "demo: config error: batch_size=63 is not divisible by the 2 ranks")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_demo_says_what_the_rest_of_the_run_should_take(tmp_path):
+    from llip_scale.config import load_config
+    from llip_scale.demo import IDLE_STEPS_PER_S, expected_time
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", "steps=600"])
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10}\n{"step": 240}\n')
+    minutes = round(360 / IDLE_STEPS_PER_S / 60 + 1)
+    assert expected_time(cfg, 2) == (
+        f"demo: training steps 241-600 in 2 process(es): about {minutes} min on two otherwise idle cores; "
+        "other work on the machine stretches it (the progress lines give the ETA)")
