@@ -6,7 +6,9 @@ DeepSpeed engine -> resume from the newest complete checkpoint of ``RUN_DIR`` if
 loop in :func:`main`: batch -> local images x gathered texts loss -> agree across ranks
 (global loss, non-finite, stop) -> backward + step + logit-scale clamp (or a skipped update)
 -> metrics -> held-out evaluation -> checkpoint -> exit on preemption. Rerunning the same
-command continues an interrupted run.
+command continues an interrupted run. ``--nproc N`` checks the config for N ranks, then starts
+them through torchrun (:mod:`llip_scale.launchers.torchrun`); ``--verify-checkpoint PATH`` checks
+a checkpoint's files against the sizes and checksums in its marker. Errors end in one line.
 
 Exit codes: 0 done, 1 training error, 2 bad config, 75 stopped by a signal after saving a
 checkpoint (EX_TEMPFAIL: rerun to continue).
