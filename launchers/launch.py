@@ -5,7 +5,7 @@ RUN/config.yaml and a code snapshot (RUN/code) -> one of:
   slurm            submitit AutoExecutor: nodes x tasks (one per GPU), USR2 ``signal_delay_s``
                    before the time limit, requeue on preemption/time-out;
   local/submitit   submitit LocalExecutor: N processes on this machine, same code path;
-  local/torchrun   torchrun --standalone --nproc_per_node N -m llip_scale.train RUN/config.yaml.
+  local/torchrun   llip-train --nproc N RUN/config.yaml (torchrun in that process, errors in one line).
 Relaunching the same config into the same run folder resumes it (newest complete checkpoint).
 Before anything is written or submitted the data sources and the tokenizer are checked, so a
 wrong path fails here rather than after the queue wait. ``--wait`` follows a Slurm job through
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from llip_scale.config import Config, ConfigError, load_config, save_config
+from llip_scale.config import Config, ConfigError, load_config, local_batch_size, save_config
 
 SUBMITIT_DIR = "submitit"
 
@@ -90,8 +90,7 @@ def local_executor(cfg: Config, run_dir: Path, code_dir: Path):
 
 
 def torchrun_command(cfg: Config, config_path: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.launcher.tasks}",
-            "-m", "llip_scale.train", str(config_path)]
+    return [sys.executable, "-m", "llip_scale.train", str(config_path), "--nproc", str(cfg.launcher.tasks)]
 
 
 def prepare_run(cfg: Config) -> tuple[Path, Path, Path]:
@@ -175,6 +174,8 @@ def cli(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        nodes = cfg.launcher.nodes if cfg.launcher.kind == "slurm" else 1
+        local_batch_size(cfg, nodes * cfg.launcher.tasks)  # before anything is submitted
     except ConfigError as e:
         print(f"llip-launch: config error: {e}", file=sys.stderr)
         return 2

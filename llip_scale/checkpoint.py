@@ -5,17 +5,20 @@ Layout of one checkpoint, ``RUN/checkpoints/step_0000001000/``:
     (DeepSpeed files)       model, optimizer and scheduler states of every rank
     train_state_rank00000.pt ...  per-rank train state: step counters, data state, RNG states
     config.yaml             the resolved config of the run
-    complete.json           written last, by rank 0, after a barrier: step, world size and the
-                            size of every file above
+    complete.json           written last, by rank 0, after a barrier: step, world size, and
+                            the size and CRC-32 of every file above
 
-Save: every rank writes its DeepSpeed shard and its train state -> barrier -> rank 0 writes the
-marker -> barrier -> rank 0 deletes old checkpoints beyond ``keep_last``. Resume: newest first,
-a checkpoint without a readable marker, or whose files are missing or not the recorded size, is
-skipped with a warning saying why; one that fails to load on any rank is skipped the same way
-(all ranks agree on the outcome), and skipped folders are renamed ``*.skipped``. A checkpoint
-whose files have the recorded sizes but corrupt contents inside DeepSpeed's own files can stop
-the ranks out of step; the size check covers interrupted and cut-short writes. Export rebuilds the full fp32 weights into one safetensors
-file next to the model config, which :func:`llip_scale.load_pretrained` reads.
+Save: every rank writes its DeepSpeed shard and its train state -> barrier -> each rank
+checksums the files it wrote (still in its page cache; 64 MiB blocks in parallel threads) ->
+rank 0 gathers the sizes and checksums into the marker -> barrier -> rank 0 deletes old
+checkpoints beyond ``keep_last``. Resume: newest first, a checkpoint without a readable marker,
+or whose files are missing, not the recorded size, or not the recorded checksum (bit rot, a copy
+cut short and padded), is skipped with a warning saying why; each rank checks its own share of
+the files, so the check reads every byte once across the ranks. One that fails to load on any
+rank is skipped the same way (all ranks agree on the outcome), and skipped folders are renamed
+``*.skipped``. ``llip-train --verify-checkpoint PATH`` runs the same checks on one folder.
+Export rebuilds the full fp32 weights into one safetensors file next to the model config, which
+:func:`llip_scale.load_pretrained` reads.
 """
 from __future__ import annotations
 
@@ -25,7 +28,11 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -113,6 +120,77 @@ def _torch_bytes(obj: Any) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------
+# checksums
+# ---------------------------------------------------------------------------------------------
+
+# CRC-32 is made for catching corrupted bytes: it catches every burst of up to 32 bits, so any one
+# flipped byte. A file's checksum is the CRC-32 of the CRC-32s of its 64 MiB blocks, so the blocks
+# of all files are checksummed in parallel threads (zlib and file reads release the GIL); a byte
+# flipped in a block changes that block's CRC, which changes the file's.
+_BLOCK = 64 << 20
+_RANK_IN_NAME = re.compile(r"(?:pp_rank_|rank)(\d+)")
+
+
+_buffers = threading.local()  # one reused block buffer per thread: no 64 MiB allocation per block
+
+
+def _block_crc(path: Path, offset: int) -> int:
+    buf = getattr(_buffers, "buf", None)
+    if buf is None or len(buf) != _BLOCK:
+        buf = _buffers.buf = bytearray(_BLOCK)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        n = f.readinto(buf)
+    return zlib.crc32(memoryview(buf)[:n])
+
+
+def _threads(tasks: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(tasks, cores, 32))
+
+
+def checksum_files(folder: Path, names: list[str]) -> dict[str, tuple[int, str]]:
+    """name -> (size, checksum as 8 hex digits) for ``names`` under ``folder``."""
+    sizes = {name: (folder / name).stat().st_size for name in names}
+    blocks = [(name, offset) for name in names for offset in range(0, max(sizes[name], 1), _BLOCK)]
+    if not blocks:
+        return {}
+    with ThreadPoolExecutor(max_workers=_threads(len(blocks))) as pool:
+        crcs = list(pool.map(lambda block: _block_crc(folder / block[0], block[1]), blocks))
+    per_file: dict[str, bytes] = {name: b"" for name in names}
+    for (name, _), crc in zip(blocks, crcs):
+        per_file[name] += crc.to_bytes(4, "big")
+    return {name: (sizes[name], f"{zlib.crc32(per_file[name]):08x}") for name in names}
+
+
+def crc32_file(path: Path) -> tuple[int, str]:
+    """(size, checksum) of one file."""
+    return checksum_files(path.parent, [path.name])[path.name]
+
+
+def owner(name: str, world_size: int) -> int:
+    """The rank that checksums a file: the rank in its name (DeepSpeed's ``zero_pp_rank_R``, our
+    ``train_state_rankRRRRR``), which wrote it and has it in its page cache; else rank 0."""
+    m = _RANK_IN_NAME.search(name)
+    return int(m.group(1)) % world_size if m else 0
+
+
+def _mine(names: list[str], env: DistEnv) -> list[str]:
+    return [n for n in names if owner(n, env.world_size) == env.rank]
+
+
+def mismatches(folder: Path, expected: dict[str, str], names: Optional[list[str]] = None) -> list[str]:
+    """One line per file of ``names`` (default: all) whose contents differ from its recorded CRC."""
+    names = sorted(expected) if names is None else [n for n in names if n in expected]
+    out = []
+    for name, (_, crc) in checksum_files(folder, names).items():
+        if crc != expected[name]:
+            out.append(f"{name} does not match its checksum (CRC-32 {crc} read, {expected[name]} written): "
+                       "its contents changed after the save")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # save and retention
 # ---------------------------------------------------------------------------------------------
 
@@ -130,15 +208,27 @@ def save(engine: Engine, cfg: Config, step: int, rank_state: dict, env: DistEnv)
     if env.is_main:
         _write_atomic(path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
     barrier()
+    names = broadcast_object([str(f.relative_to(path)) for f in sorted(path.rglob("*")) if f.is_file()]
+                             if env.is_main else None)
+    sums: dict[str, tuple[int, str]] = {}
+    for part in all_gather_objects(checksum_files(path, _mine(names, env))):
+        sums.update(part)
     if env.is_main:
-        files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
-        marker = {"step": step, "world_size": env.world_size, "zero_stage": cfg.distributed.zero_stage,
-                  "time": datetime.datetime.now().isoformat(timespec="seconds"), "files": files}
-        _write_atomic(path / MARKER, json.dumps(marker, indent=1).encode())
+        write_marker(path, step, env.world_size, cfg.distributed.zero_stage, sums)
     barrier()
     if env.is_main:
         prune(cfg.run_dir, cfg.checkpoint.keep_last, step)
     return path
+
+
+def write_marker(path: Path, step: int, world_size: int, zero_stage: int, sums: dict[str, tuple[int, str]]) -> None:
+    """The completion marker: what was written (name -> (size, CRC-32)) and by how many ranks."""
+    items = sorted(sums.items())
+    marker = {"step": step, "world_size": world_size, "zero_stage": zero_stage,
+              "time": datetime.datetime.now().isoformat(timespec="seconds"),
+              "files": {n: size for n, (size, _) in items}, "crc32": {n: crc for n, (_, crc) in items}}
+    marker["marker_crc32"] = _marker_crc(marker)
+    _write_atomic(path / MARKER, json.dumps(marker, indent=1).encode())
 
 
 def prune(run_dir: str | os.PathLike, keep_last: int, current: int) -> list[Path]:
@@ -163,36 +253,79 @@ def prune(run_dir: str | os.PathLike, keep_last: int, current: int) -> list[Path
 # resume
 # ---------------------------------------------------------------------------------------------
 
-def problem(path: Path, world_size: Optional[int] = None) -> Optional[str]:
-    """Why the checkpoint at ``path`` cannot be used, or None when it looks complete.
-    Raises :class:`ResumeError` when it was written by a different number of ranks."""
+def _marker_crc(marker: dict) -> str:
+    """The marker's checksum of its own contents (so a changed step or world size is caught too)."""
+    content = {k: v for k, v in marker.items() if k != "marker_crc32"}
+    return f"{zlib.crc32(json.dumps(content, sort_keys=True).encode()):08x}"
+
+
+def read_marker(path: Path) -> dict:
+    """The completion marker of ``path``; ValueError saying why it cannot be used."""
     marker = path / MARKER
     if not marker.is_file():
-        return "it has no completion marker (its write was interrupted)"
+        raise ValueError("it has no completion marker (its write was interrupted)")
     try:
-        info = json.loads(marker.read_text())
-        files = dict(info["files"])
-        saved_world = int(info["world_size"])
-    except (ValueError, KeyError, TypeError) as e:
-        return f"its completion marker is unreadable ({e})"
+        info = json.loads(marker.read_bytes().decode())
+        # markers of older versions carry sizes only: no checksums to compare
+        if "marker_crc32" in info and info["marker_crc32"] != _marker_crc(info):
+            raise ValueError("it does not match its own checksum")
+        info["files"], info["world_size"] = dict(info["files"]), int(info["world_size"])
+        info["crc32"] = dict(info.get("crc32", {}))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"its completion marker is unreadable ({e})") from None
+    return info
+
+
+def problems(path: Path, world_size: Optional[int] = None, contents: bool = True) -> list[str]:
+    """Every reason the checkpoint at ``path`` cannot be used (empty when it is sound): no or an
+    unreadable marker, files missing or not the recorded size, and with ``contents`` files whose
+    bytes are not the recorded checksum. Raises :class:`ResumeError` when it was written by a
+    different number of ranks."""
+    try:
+        info = read_marker(path)
+    except ValueError as e:
+        return [str(e)]
+    saved_world = info["world_size"]
     if world_size is not None and saved_world != world_size:
         raise ResumeError(f"{path} was written by {saved_world} ranks but this run has {world_size}; "
                           f"rerun with {saved_world} ranks, or export it and start a new run")
-    for rel, size in files.items():
+    out = []
+    for rel, size in info["files"].items():
         f = path / rel
         if not f.is_file():
-            return f"{rel} is missing"
-        if f.stat().st_size != size:
-            return f"{rel} has {f.stat().st_size} bytes where {size} were written"
-    return None
+            out.append(f"{rel} is missing")
+        elif f.stat().st_size != size:
+            out.append(f"{rel} has {f.stat().st_size} bytes where {size} were written")
+    if contents and not out:
+        out += mismatches(path, info["crc32"])
+    return out
+
+
+def problem(path: Path, world_size: Optional[int] = None, contents: bool = True) -> Optional[str]:
+    """The first of :func:`problems`, or None when the checkpoint is sound."""
+    found = problems(path, world_size, contents)
+    return found[0] if found else None
 
 
 def _inspect(path: Path, world_size: int) -> tuple[Optional[str], bool]:
-    """(reason it is unusable or None, whether that reason must stop the run), on rank 0."""
+    """(reason it is unusable or None, whether that reason must stop the run), on rank 0; the
+    structure only: the contents are checked by all ranks together (:func:`_verify_contents`)."""
     try:
-        return problem(path, world_size), False
+        return problem(path, world_size, contents=False), False
     except ResumeError as e:
         return str(e), True
+
+
+def _verify_contents(path: Path, env: DistEnv) -> Optional[str]:
+    """Every rank checksums its share of the files (a collective); the first mismatch, or None."""
+    expected = broadcast_object(read_marker(path)["crc32"] if env.is_main else None)
+    try:
+        mine = mismatches(path, expected, _mine(sorted(expected), env))
+    except OSError as e:  # still take part in the gather, or the other ranks would wait for this one
+        mine = [f"reading its files failed on rank {env.rank} ({e})"]
+    found = all_gather_objects(mine)
+    reasons = [r for per_rank in found for r in per_rank]
+    return "; ".join(reasons) if reasons else None
 
 
 def _on_all_ranks(action: Callable[[], Any], env: DistEnv, what: str) -> tuple[Any, Optional[str]]:
@@ -234,6 +367,8 @@ def resume(engine: Engine, run_dir: str | os.PathLike, env: DistEnv) -> Optional
         if fatal:
             raise ResumeError(why)
         if why is None:
+            why = _verify_contents(found.path, env)
+        if why is None:
             loaded, why, touched = _load(engine, found, env)
             tainted = found.path if touched else tainted
             if loaded is not None:
@@ -255,13 +390,39 @@ def resume(engine: Engine, run_dir: str | os.PathLike, env: DistEnv) -> Optional
     return loaded
 
 
+def verify(path: str | os.PathLike) -> tuple[bool, list[str]]:
+    """(all sound, one line per checkpoint) for a checkpoint folder, or each checkpoint of a run
+    folder: what ``llip-train --verify-checkpoint`` prints."""
+    path = Path(path)
+    if not path.is_dir():
+        return False, [f"{path}: no such folder; pass RUN/checkpoints/step_XXXXXXXXXX or a run folder"]
+    folders = [f.path for f in list_checkpoints(path)] if checkpoint_root(path).is_dir() else [path]
+    if not folders:
+        return False, [f"{path}: holds no step_* checkpoint folders"]
+    lines, ok = [], True
+    for folder in folders:
+        found = problems(folder)
+        ok = ok and not found
+        lines.append(f"{folder}: " + ("; ".join(found) + "; a resume skips this checkpoint (restore it from a "
+                                      "copy or delete it)" if found else _sound(folder)))
+    return ok, lines
+
+
+def _sound(folder: Path) -> str:
+    info = read_marker(folder)
+    how = "sizes and CRC-32 checksums match" if info["crc32"] else "sizes match (written without checksums)"
+    total = sum(info["files"].values())
+    return (f"ok: step {info['step']}, {info['world_size']} ranks, {len(info['files'])} files, "
+            f"{total / 2 ** 20:.1f} MiB; {how}")
+
+
 # ---------------------------------------------------------------------------------------------
 # export and loading for inference
 # ---------------------------------------------------------------------------------------------
 
 def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Consolidate a checkpoint (any ZeRO stage) into ``out_dir/model.safetensors`` + ``config.yaml``."""
-    from safetensors.torch import save_file
+    from llip_scale.pretrained import save_weights
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if not checkpoint.is_dir():
@@ -273,6 +434,6 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     state = consolidated_state_dict(checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     step = json.loads((checkpoint / MARKER).read_text())["step"]
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"step": str(step), "format": "pt"})
+    save_weights(state, out_dir / "model.safetensors", metadata={"step": str(step), "format": "pt"})
     (out_dir / "config.yaml").write_text(yaml.safe_dump({"model": model_cfg}, sort_keys=False))
     return out_dir / "model.safetensors"

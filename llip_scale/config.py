@@ -163,6 +163,18 @@ class Config:
     def validate(self, name: str) -> None:
         check(self.steps >= 1, "steps must be >= 1")
         check(self.batch_size >= 1, "batch_size must be >= 1")
+        run_dir = Path(self.run_dir)
+        blocker = next((a for a in (run_dir, *run_dir.parents) if a.exists()), None)
+        check(blocker is None or blocker.is_dir(),
+              f"run_dir={self.run_dir}: '{blocker}' is an existing file, not a folder; choose another run_dir")
+
+
+def local_batch_size(cfg: Config, world_size: int) -> int:
+    """The per-rank batch; a ConfigError when the global batch does not split evenly."""
+    check(cfg.batch_size % world_size == 0,
+          f"batch_size={cfg.batch_size} is not divisible by the {world_size} ranks; "
+          f"set batch_size to a multiple of {world_size}")
+    return cfg.batch_size // world_size
 
 
 def check(ok: bool, message: str) -> None:
@@ -315,6 +327,9 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
     for c in candidates:
         if c.is_file():
             return c
+    if p.is_dir():
+        raise ConfigError(f"config path '{path}' is a folder; pass a YAML file, e.g. "
+                          f"{p / 'config.yaml'} in a run folder")
     raise ConfigError(f"config file '{path}' not found; pass a YAML path or a name under {CONFIG_ROOT}")
 
 
@@ -324,9 +339,14 @@ def load_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     if p in _seen:
         raise ConfigError(f"config include cycle: {' -> '.join(map(str, _seen + (p,)))}")
     try:
-        data = parse_yaml(p.read_text()) or {}
+        data = parse_yaml(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "save the file as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot be read ({e.strerror}); check the file and its permissions") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping of config keys")
     bases = data.pop("base", []) or []
@@ -388,9 +408,29 @@ def build_config(data: dict) -> Config:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
+    """Load a YAML config (or the defaults when ``path`` is None), apply overrides, validate.
+    When the overrides fail, each is tried on its own so that all wrong ones are reported."""
     data = load_yaml(path) if path else {}
-    return build_config(apply_overrides(data, overrides or []))
+    overrides = overrides or []
+    try:
+        return build_config(apply_overrides(data, overrides))
+    except ConfigError as error:
+        wrong = _override_errors(data, overrides) if len(overrides) > 1 else []
+        if len(wrong) > 1:
+            raise ConfigError(f"{len(wrong)} problems: " + "; ".join(wrong)) from None
+        raise error from None
+
+
+def _override_errors(data: dict, overrides: list[str]) -> list[str]:
+    """The distinct errors of the overrides that fail on their own, in order."""
+    out = []
+    for item in overrides:
+        try:
+            build_config(apply_overrides(data, [item]))
+        except ConfigError as e:
+            if str(e) not in out:
+                out.append(str(e))
+    return out
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

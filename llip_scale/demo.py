@@ -19,10 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-from llip_scale.config import Config, ConfigError, load_config
+from llip_scale.config import Config, ConfigError, load_config, local_batch_size
 
 DEMO_CONFIG = "configs/experiments/demo.yaml"
 DEMO_DATA = Path("data/demo")
+# Training steps per second of the demo config in 2 processes on 2 otherwise idle cores
+# (benchmarks/RESULTS.md, "Training throughput"); startup and evaluation add about a minute.
+IDLE_STEPS_PER_S = 2.0
 
 
 def ensure_data(folder: Path) -> None:
@@ -33,10 +36,19 @@ def ensure_data(folder: Path) -> None:
 
 
 def train_command(config: str, overrides: list[str], nproc: int) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, "-m", "llip_scale.train", config, *overrides]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "llip_scale.train", config, *overrides]
+    nproc_args = ["--nproc", str(nproc)] if nproc > 1 else []
+    return [sys.executable, "-m", "llip_scale.train", config, *overrides, *nproc_args]
+
+
+def expected_time(cfg: Config, nproc: int) -> str:
+    """What the rest of the run should take, and what that figure assumes."""
+    done = 0
+    if (Path(cfg.run_dir) / "metrics.jsonl").is_file():
+        done = max([json.loads(line).get("step", 0) for line in (Path(cfg.run_dir) / "metrics.jsonl").open()],
+                   default=0)
+    minutes = (cfg.steps - done) / IDLE_STEPS_PER_S / 60 + 1
+    return (f"demo: training steps {done + 1}-{cfg.steps} in {nproc} process(es): about {minutes:.0f} min on "
+            f"two otherwise idle cores; other work on the machine stretches it (the progress lines give the ETA)")
 
 
 def finished(cfg: Config) -> bool:
@@ -93,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--data", type=Path, default=DEMO_DATA, help="demo data folder (generated if absent)")
     args = p.parse_args(argv)
-    ensure_data(args.data)
+    ensure_data(args.data)  # first: the config names files in it
     try:
         cfg = load_config(args.config, args.overrides)
+        local_batch_size(cfg, args.nproc)
     except ConfigError as e:
         print(f"demo: config error: {e}", file=sys.stderr)
         return 2
@@ -107,9 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         if not env.get("DS_ACCELERATOR"):
             import torch
             env["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+        print(expected_time(cfg, args.nproc), flush=True)
         start = time.time()
         code = subprocess.run(train_command(args.config, args.overrides, args.nproc), env=env).returncode
         seconds = time.time() - start
+        if code in (1, 2):  # llip-train said why in one line
+            return code
         if code != 0:
             print(f"demo: training stopped with exit code {code}; rerun `make demo` to continue it", file=sys.stderr)
             return code

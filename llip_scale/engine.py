@@ -34,7 +34,7 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
 import deepspeed  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
-from llip_scale.config import Config, ConfigError, deep_merge  # noqa: E402
+from llip_scale.config import Config, deep_merge, local_batch_size  # noqa: E402
 from llip_scale.distributed import DistEnv  # noqa: E402
 from llip_scale.model import ContrastiveModel, build_model as build_plain_model  # noqa: E402
 
@@ -53,13 +53,6 @@ deepspeed.utils.logger.setLevel(logging.WARNING)
 
 def compute_dtype(cfg: Config) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.distributed.precision]
-
-
-def local_batch_size(cfg: Config, world_size: int) -> int:
-    if cfg.batch_size % world_size:
-        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {world_size} ranks; "
-                         f"set batch_size to a multiple of {world_size}")
-    return cfg.batch_size // world_size
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:

@@ -119,10 +119,12 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    """A bar with ETA on a terminal, one plain line per update otherwise; silent when disabled."""
+    """A bar with ETA on a terminal, one plain line per update otherwise; silent when disabled.
+    On stdout (log messages and errors go to stderr), flushed at each update, so
+    ``llip-train ... > train.log`` receives every line as it happens."""
 
     def __init__(self, total: int, start: int, mode: str, enabled: bool, stream: Optional[TextIO] = None):
-        self.stream = stream or sys.stderr
+        self.stream = stream or sys.stdout
         if mode == "auto":
             mode = "bar" if self.stream.isatty() else "lines"
         self.mode = mode if enabled else "none"

@@ -24,6 +24,18 @@ def _files(path: Path) -> tuple[Path, Path]:
     return weights, config
 
 
+def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """Write ``state`` as safetensors with the usual permissions: safetensors creates the file
+    readable by its owner only (0600); give it what the umask allows, as ``open()`` would."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    return Path(path)
+
+
 def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
                     backend: str = "auto") -> ContrastiveModel:
     """The exported model at ``path`` (its folder or its ``.safetensors`` file), in eval mode."""

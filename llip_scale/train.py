@@ -6,7 +6,9 @@ DeepSpeed engine -> resume from the newest complete checkpoint of ``RUN_DIR`` if
 loop in :func:`main`: batch -> local images x gathered texts loss -> agree across ranks
 (global loss, non-finite, stop) -> backward + step + logit-scale clamp (or a skipped update)
 -> metrics -> held-out evaluation -> checkpoint -> exit on preemption. Rerunning the same
-command continues an interrupted run.
+command continues an interrupted run. ``--nproc N`` checks the config for N ranks, then starts
+them through torchrun (:mod:`llip_scale.launchers.torchrun`); ``--verify-checkpoint PATH`` checks
+a checkpoint's files against the sizes and checksums in its marker. Errors end in one line.
 
 Exit codes: 0 done, 1 training error, 2 bad config, 75 stopped by a signal after saving a
 checkpoint (EX_TEMPFAIL: rerun to continue).
@@ -24,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from llip_scale.config import Config, ConfigError, load_config, save_config, to_dict
+from llip_scale.config import Config, ConfigError, load_config, local_batch_size, save_config, to_dict
 from llip_scale.distributed import PreemptionFlag, ignore_stop_signals, launch_env
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_PREEMPTED = 0, 1, 2, 75
@@ -55,10 +57,26 @@ class TrainState:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="llip-train", description=__doc__.splitlines()[0])
-    p.add_argument("config", help="YAML config file, or the name of a packaged config (e.g. demo)")
+    p.add_argument("config", nargs="?", help="YAML config file, or the name of a packaged config (e.g. demo)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.vision.width=64")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    return p.parse_args(argv)
+    p.add_argument("--nproc", type=int, default=0, metavar="N",
+                   help="start N training processes on this machine (torchrun, standalone)")
+    p.add_argument("--verify-checkpoint", metavar="PATH",
+                   help="check a checkpoint folder (or every checkpoint of a run folder) byte for byte and exit")
+    args = p.parse_args(argv)
+    if args.config is None and args.verify_checkpoint is None:
+        p.error("the following arguments are required: config")
+    return args
+
+
+def verify_checkpoint(path: str) -> int:
+    """``--verify-checkpoint``: one line per checkpoint; exit 1 when any is broken."""
+    from llip_scale.checkpoint import verify
+
+    ok, lines = verify(path)
+    print("\n".join(lines), file=sys.stdout if ok else sys.stderr)
+    return EXIT_OK if ok else EXIT_ERROR
 
 
 def prepare(args: argparse.Namespace) -> Config:
@@ -66,30 +84,39 @@ def prepare(args: argparse.Namespace) -> Config:
 
 
 def cli(argv: list[str] | None = None) -> int:
+    from llip_scale.data import DataError
+
+    sys.stdout.reconfigure(line_buffering=True)  # a log file gets each line as it happens
     args = parse_args(argv)
-    rank = launch_env()[0]
+    if args.verify_checkpoint is not None:
+        return verify_checkpoint(args.verify_checkpoint)
+    rank, world, _ = launch_env()
+    name = "llip-train" if rank == 0 else f"llip-train[rank {rank}]"
     try:
         cfg = prepare(args)
-    except ConfigError as e:
-        print(f"llip-train: config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    if args.print_config:
-        import yaml
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        return EXIT_OK
-    if rank == 0:
-        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
-    name = "llip-train" if rank == 0 else f"llip-train[rank {rank}]"
-    # Listening from here to the exit: a signal after the last step sets the (unread) flag, then
-    # it is ignored; no signal finds the default action (termination) while the process exits.
-    preempt = PreemptionFlag(cfg.distributed.preempt_signals).install()
-    try:
+        if args.print_config:
+            import yaml
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return EXIT_OK
+        if args.nproc:
+            return spawn(cfg, args, world)
+        if rank == 0:
+            save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+        # Listening from here to the exit: a signal after the last step sets the (unread) flag,
+        # then it is ignored; no signal finds the default action (termination) while we exit.
+        preempt = PreemptionFlag(cfg.distributed.preempt_signals).install()
         code = main(cfg, preempt)
         ignore_stop_signals()
         return code
     except ConfigError as e:
         print(f"{name}: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except OSError as e:  # e.g. the run folder cannot be written
+        print(f"{name}: error: {e}; check the path, its permissions and the free space", file=sys.stderr)
+        return EXIT_ERROR
+    except DataError as e:  # per rank: each reads its own shards
+        print(f"{name}: data error: {e}", file=sys.stderr)
+        return EXIT_ERROR
     except RuntimeError as e:
         from llip_scale.checkpoint import ResumeError
 
@@ -98,6 +125,19 @@ def cli(argv: list[str] | None = None) -> int:
         if rank == 0:  # every rank stops on the same agreed condition
             print(f"{name}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def spawn(cfg: Config, args: argparse.Namespace, world: int) -> int:
+    """``--nproc N``: check what N ranks need, then start them (torchrun in this process)."""
+    from llip_scale.launchers.torchrun import run_local
+
+    if world > 1:
+        raise ConfigError(f"--nproc={args.nproc} inside a launcher that already started {world} ranks; "
+                          "drop --nproc")
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc={args.nproc} must be >= 1")
+    local_batch_size(cfg, args.nproc)
+    return run_local(args.nproc, args.config, args.overrides)
 
 
 def setup_logging(rank: int) -> None:
@@ -139,8 +179,6 @@ def check_data(cfg: Config) -> None:
 
 
 def build_loader(cfg: Config, env: Any, tokenizer: Any, split: str = "train") -> Any:
-    from llip_scale.engine import local_batch_size
-
     batch = local_batch_size(cfg, env.world_size) if split == "train" else cfg.eval.batch_size
     kw = dict(batch_size=batch, rank=env.rank, world_size=env.world_size,
               image_size=cfg.model.vision.image_size, tokenizer=tokenizer, seed=cfg.seed)
@@ -280,7 +318,7 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
     from llip_scale import checkpoint
     from llip_scale.buildlock import clear_stale_locks
     from llip_scale.distributed import agree, all_gather_with_grad, barrier, init_distributed
-    from llip_scale.engine import clamp_logit_scale, compute_dtype, initialize, local_batch_size, step_optimizer
+    from llip_scale.engine import clamp_logit_scale, compute_dtype, initialize, step_optimizer
     from llip_scale.flops import train_flops_per_sample
     from llip_scale.metrics import MetricsWriter, Progress, StepMeter
 

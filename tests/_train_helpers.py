@@ -5,8 +5,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -16,6 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # reading DeepSpeed checkpoints imports deepspeed
 PYTHON = sys.executable
+# A guard against a run that hangs, not a guess at its speed: these runs take seconds to a few
+# minutes on an idle machine and many times that on one busy with other work. Tests wait for
+# events (a file, a log line, a process exit); only a run stuck for this long fails them.
+HANG_LIMIT_S = float(os.environ.get("LLIP_TEST_HANG_LIMIT_S", 3600))
 
 # The tiny model, smaller still: a run of a few steps takes seconds on two CPU cores.
 SMALL = {
@@ -63,8 +68,19 @@ def train_command(config: Path, overrides: list[str], nproc: int = 2, module: st
             "-m", module, str(config), *overrides]
 
 
-def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: float = HANG_LIMIT_S) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(event: Callable[[], bool], what: str, gone: Callable[[], bool] = lambda: False,
+             poll_s: float = 0.2) -> None:
+    """Poll until ``event()`` holds; fail when ``gone()`` says it never will (the process ended)
+    or after HANG_LIMIT_S."""
+    started = time.monotonic()
+    while not event():
+        assert not gone(), f"{what}: the process ended first"
+        assert time.monotonic() - started < HANG_LIMIT_S, f"{what}: nothing after {HANG_LIMIT_S:.0f} s (hung?)"
+        time.sleep(poll_s)
 
 
 def start(cmd: list[str]) -> subprocess.Popen:

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import json
 import random
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from llip_scale.checkpoint import (MARKER, ResumeError, export, list_checkpoints, problem, prune, rng_state,
-                                   set_rng_state, step_tag)
+from llip_scale import checkpoint
+from llip_scale.checkpoint import (MARKER, ResumeError, checksum_files, crc32_file, export, list_checkpoints,
+                                   owner, problem, problems, prune, read_marker, rng_state, set_rng_state, step_tag,
+                                   verify, write_marker)
 
 
 def fake_checkpoint(run: Path, step: int, complete: bool = True, world: int = 2) -> Path:
@@ -88,3 +91,83 @@ def test_export_refuses_an_incomplete_checkpoint(tmp_path):
         export(fake_checkpoint(tmp_path, 10, complete=False), tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         export(tmp_path / "nope", tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------------------------
+# checksums
+# ---------------------------------------------------------------------------------------------
+
+def sealed_checkpoint(run: Path, step: int) -> Path:
+    """A checkpoint whose marker records sizes and CRC-32s, as a save writes it."""
+    path = fake_checkpoint(run, step, complete=False)
+    (path / "sub").mkdir()
+    (path / "sub" / "shard.pt").write_bytes(bytes(range(256)) * 300)
+    names = sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file())
+    write_marker(path, step, 2, 3, checksum_files(path, names))
+    return path
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_files_checksum_is_the_crc32_of_its_blocks_crc32s(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "_BLOCK", 1000)
+    data = bytes(range(256)) * 10  # 2560 bytes: blocks of 1000, 1000, 560
+    (tmp_path / "f").write_bytes(data)
+    blocks = b"".join(zlib.crc32(data[i:i + 1000]).to_bytes(4, "big") for i in (0, 1000, 2000))
+    assert crc32_file(tmp_path / "f") == (len(data), f"{zlib.crc32(blocks):08x}")
+    (tmp_path / "empty").write_bytes(b"")
+    assert crc32_file(tmp_path / "empty") == (0, f"{zlib.crc32(zlib.crc32(b'').to_bytes(4, 'big')):08x}")
+    for offset in (0, 999, 1000, 2559):  # a flip in any block changes the file's checksum
+        flipped = bytearray(data)
+        flipped[offset] ^= 0x01
+        (tmp_path / "g").write_bytes(bytes(flipped))
+        assert crc32_file(tmp_path / "g")[1] != crc32_file(tmp_path / "f")[1]
+
+
+@pytest.mark.parametrize("name", ["model.pt", "train_state_rank00000.pt", "sub/shard.pt"])
+def test_a_flipped_byte_is_named_whatever_the_file_and_position(tmp_path, name):
+    path = sealed_checkpoint(tmp_path, 10)
+    assert problems(path, world_size=2) == []
+    size = (path / name).stat().st_size
+    for offset in (0, size // 2, size - 1):
+        flip_byte(path / name, offset)
+        assert problems(path, world_size=2) == [
+            f"{name} does not match its checksum (CRC-32 {crc32_file(path / name)[1]} read, "
+            f"{read_marker(path)['crc32'][name]} written): its contents changed after the save"]
+        assert problems(path, world_size=2, contents=False) == []  # sizes alone cannot see it
+        flip_byte(path / name, offset)
+    assert problems(path, world_size=2) == []
+
+
+def test_a_flipped_byte_in_the_marker_itself_is_caught(tmp_path):
+    path = sealed_checkpoint(tmp_path, 10)
+    marker = path / MARKER
+    good = marker.read_bytes()
+    for offset in range(len(good)):
+        flip_byte(marker, offset)
+        found = problems(path, world_size=2)
+        assert len(found) == 1 and "completion marker is unreadable" in found[0], (offset, found)
+        marker.write_bytes(good)
+
+
+def test_the_owner_of_a_file_is_the_rank_in_its_name():
+    assert owner("zero_pp_rank_3_mp_rank_00_model_states.pt", 4) == 3
+    assert owner("bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", 4) == 1
+    assert owner("train_state_rank00002.pt", 4) == 2
+    assert owner("mp_rank_00_model_states.pt", 4) == 0
+    assert owner("config.yaml", 4) == 0
+
+
+def test_verify_reports_each_checkpoint_of_a_run(tmp_path):
+    good, bad = sealed_checkpoint(tmp_path, 10), sealed_checkpoint(tmp_path, 20)
+    flip_byte(bad / "model.pt", 7)
+    ok, lines = verify(tmp_path)
+    assert not ok and len(lines) == 2
+    assert lines[0].startswith(f"{bad}: model.pt does not match its checksum")
+    assert "a resume skips this checkpoint" in lines[0]
+    assert lines[1].startswith(f"{good}: ok: step 10, 2 ranks, 3 files") and "CRC-32 checksums match" in lines[1]
+    assert verify(good)[0] and not verify(tmp_path / "nope")[0]

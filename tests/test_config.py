@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from _train_helpers import HANG_LIMIT_S
 from llip_scale.config import ConfigError, load_config, save_config
 from llip_scale.model import model_names
 
@@ -69,7 +70,7 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 def run_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "llip_scale.train", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG_LIMIT_S)
 
 
 def test_cli_prints_resolved_config_and_reports_errors_in_one_line(tmp_path):

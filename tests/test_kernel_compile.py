@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from _train_helpers import HANG_LIMIT_S
+
 triton = pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -22,7 +24,7 @@ def test_forward_and_backward_compile_for_sm90_without_spills():
     # The tiny model's head (K=8, E=128, H=4): 4 blocks, so the static unrolling stays small.
     cmd = [sys.executable, os.path.join(ROOT, "tools", "kernel_resources.py"), "--shape", "8,128,4", "--bt", "16",
            "--warps", "4", "--dtype", "float16", "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_LIMIT_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r["kernel"] for r in rows] == ["fwd", "bwd"]

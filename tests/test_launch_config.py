@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from _train_helpers import HANG_LIMIT_S
 from llip_scale.config import ConfigError, load_config
 from llip_scale.launchers.config import parse_slurm_time
 from llip_scale.launchers.launch import dry_run
@@ -48,7 +49,7 @@ def test_bad_launcher_settings_fail_before_submission(override, message, tmp_pat
         load_config("models/tiny.yaml", extra + [override])
     assert message in str(err.value)
     proc = subprocess.run([sys.executable, "-m", "llip_scale.launchers.launch", "models/tiny.yaml", *extra, override,
-                           f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120)
+                           f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=HANG_LIMIT_S)
     assert proc.returncode == 2 and message in proc.stderr
     assert not (tmp_path / "run").exists()
 

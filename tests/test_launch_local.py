@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
 from _train_helpers import checkpoint_differences, metrics, newest_complete, run, tail, train_command, \
-    write_config
+    wait_for, write_config
 from llip_scale.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -39,13 +38,6 @@ def _launch(config: Path, run_dir: Path, *overrides: str):
     os.environ["OMP_NUM_THREADS"] = "1"
     cfg = load_config(config, [f"run_dir={run_dir}", *LAUNCHER, *overrides])
     return submit(cfg)
-
-
-def _wait(job, timeout: float = 420) -> None:
-    deadline = time.time() + timeout
-    while not job.done():
-        assert time.time() < deadline, "launched job did not finish in time"
-        time.sleep(0.5)
 
 
 def _final(run_dir: Path) -> Path:
@@ -73,16 +65,14 @@ def test_signal_saves_requeues_and_resumes_exactly(setup, signals):
     tmp, config, reference = setup
     run_dir = tmp / "-".join(signals)
     job = _launch(config, run_dir)
-    deadline = time.time() + 300
-    while newest_complete(run_dir) is None:  # the first checkpoint (step 4) exists: mid-run
-        assert time.time() < deadline and not job.done(), "the run never wrote its first checkpoint"
-        time.sleep(0.2)
+    # the first checkpoint (step 4) exists: mid-run
+    wait_for(lambda: newest_complete(run_dir) is not None, "the first checkpoint", gone=job.done)
     tasks = _children(int(job.job_id))
     assert len(tasks) == 2, f"expected 2 task processes under the controller, found {tasks}"
     for name in signals:
         for pid in tasks:
             os.kill(pid, getattr(signal, name))
-    _wait(job)
+    wait_for(job.done, "the requeued job's end", poll_s=0.5)
     log = "\n".join(p.read_text(errors="replace") for p in (run_dir / "submitit").glob("*_log.*"))
     assert "Requeued" in log, tail(log)
     assert checkpoint_differences(_final(run_dir), reference) == []

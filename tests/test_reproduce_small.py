@@ -44,7 +44,7 @@ def _command(data: Path, tmp: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def reproduction(demo_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reproduce")
-    first = run(_command(demo_data, tmp), timeout=600)
+    first = run(_command(demo_data, tmp))
     return {"tmp": tmp, "first": first}
 
 
@@ -85,7 +85,7 @@ def test_a_rerun_reuses_the_runs_and_keeps_the_notes(reproduction, demo_data):
     tmp = reproduction["tmp"]
     out = tmp / "REPRODUCTION.md"
     out.write_text(out.read_text() + "Hand-written analysis that must survive.\n")
-    again = run(_command(demo_data, tmp), timeout=300)
+    again = run(_command(demo_data, tmp))
     assert again.returncode == 0, tail(again.stdout + again.stderr)
     assert again.stdout.count("(reused)") == 6
     text = out.read_text()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from _train_helpers import HANG_LIMIT_S
 from llip_scale import planning
 from llip_scale.model import model_config
 
@@ -26,7 +27,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_ranks(tmp_path: Path, *args: str, timeout: float = 600) -> list[dict]:
+def _run_ranks(tmp_path: Path, *args: str, timeout: float = HANG_LIMIT_S) -> list[dict]:
     # Pinning glibc's mmap threshold returns freed tensors to the OS, so the resident
     # high-water mark is that of live memory rather than of the heap.
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")

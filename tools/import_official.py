@@ -60,12 +60,12 @@ def convert(args: argparse.Namespace) -> tuple[dict, Config]:
 
 
 def write(state: dict, cfg: Config, args: argparse.Namespace) -> Path:
-    from safetensors.torch import save_file
+    from llip_scale.pretrained import save_weights
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
-              metadata={"source": Path(args.checkpoint).name, "format": "llip_scale"})
+    save_weights(state, out / "model.safetensors",
+                 metadata={"source": Path(args.checkpoint).name, "format": "llip_scale"})
     save_config(cfg, out / "config.yaml")
     if args.bpe_vocab and not Path(args.bpe_vocab).is_file():
         raise ConfigError(f"--bpe-vocab '{args.bpe_vocab}' not found; pass CLIP's bpe_simple_vocab_16e6.txt.gz "

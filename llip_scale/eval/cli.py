@@ -33,7 +33,7 @@ def find_checkpoint(path: Path) -> Optional[Path]:
     if (path / "complete.json").is_file() or path.name.startswith("step_"):
         return path
     for found in list_checkpoints(path):
-        if problem(found.path) is None:
+        if problem(found.path, contents=False) is None:  # export checks the contents
             return found.path
     return None
 
@@ -110,6 +110,7 @@ def run_benchmarks(args: argparse.Namespace, benches: list, model, tokenizer, de
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    from llip_scale.checkpoint import ResumeError
     from llip_scale.eval.datasets import parse_spec
     from llip_scale.eval.run import evaluate
     from llip_scale.eval.suite import load_benchmarks
@@ -133,7 +134,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(run_benchmarks(args, benches, model, tokenizer, device, {"folders": metrics} if metrics else {}))
         elif args.json:
             Path(args.json).write_text(json.dumps(metrics, indent=1))
-    except (FileNotFoundError, ValueError) as e:  # ConfigError and DatasetError are ValueErrors
+    except (FileNotFoundError, ValueError, ResumeError) as e:  # ConfigError, DatasetError: ValueErrors
         print(f"llip-eval: {e}", file=sys.stderr)
         return 2
     return 0
