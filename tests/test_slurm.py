@@ -25,12 +25,12 @@ from typing import Callable, Optional
 
 import pytest
 
-from _train_helpers import REPO, checkpoint_differences, metrics, newest_complete, run_env, tail
+from _train_helpers import HANG_LIMIT_S, REPO, checkpoint_differences, metrics, newest_complete, run_env, tail, \
+    wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 STEPS = 12
 SLURM_LOCAL = REPO / "tools" / "slurm_local.sh"
-HANG_GUARD_S = 1800  # only against a hang: every wait below ends on an event long before this
 SMALLEST = ["steps=12", "batch_size=8", "checkpoint.every=4", "checkpoint.keep_last=5", "logging.every=5",
             "data.workers=1", "eval.heldout_samples=0", "eval.mixing_images=0", "eval.zeroshot_dir=''",
             "eval.retrieval_dir=''", "model.vision.image_size=32", "model.vision.patch_size=16",
@@ -118,13 +118,12 @@ def run_seconds(job_id: str) -> int:
 
 
 def wait_until(what: str, condition: Callable[[], bool], launch: Optional[subprocess.Popen] = None) -> None:
-    """Poll ``condition`` until it holds; fail early when the launch ended without it."""
-    started = time.monotonic()
-    while not condition():
-        if launch is not None and launch.poll() is not None:
-            pytest.fail(f"llip-launch ended before {what}:\n{tail(launch.stdout.read())}")
-        assert time.monotonic() - started < HANG_GUARD_S, f"{what}: nothing happened for {HANG_GUARD_S} s"
-        time.sleep(0.5)
+    """Poll ``condition`` until it holds; fail early, with its output, when the launch ended first."""
+    ended = (lambda: launch.poll() is not None) if launch is not None else (lambda: False)
+    try:
+        wait_for(condition, what, ended, poll_s=0.5)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{tail(launch.stdout.read())}" if launch is not None and ended() else e) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +175,7 @@ class Launch:
 
     def finish(self) -> str:
         """Wait for llip-launch to report the final state; return its output."""
-        out, _ = self.proc.communicate(timeout=HANG_GUARD_S)
+        out, _ = self.proc.communicate(timeout=HANG_LIMIT_S)
         assert self.proc.returncode == 0, f"llip-launch --wait exited {self.proc.returncode}:\n{tail(out)}"
         assert f"job {self.job_id}: COMPLETED" in out, tail(out)
         return out
@@ -296,6 +295,6 @@ def test_wait_reports_a_failed_job(slurm, demo_data, tmp_path):
          f"run_dir={tmp_path / 'run'}", f"data.shards={d / 'train'}", f"data.tokenizer={d / 'tokenizer.model'}",
          *SMALLEST, *LAUNCHER, "launcher.setup=['exit 3']", "--wait"],
         cwd=REPO, env=dict(run_env(), SLURM_CONF=os.environ["SLURM_CONF"]), capture_output=True, text=True,
-        timeout=HANG_GUARD_S)
+        timeout=HANG_LIMIT_S)
     assert out.returncode == 1, out.stdout + out.stderr
     assert re.search(r"job \d+ ended FAILED", out.stderr), out.stderr
