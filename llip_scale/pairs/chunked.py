@@ -135,8 +135,9 @@ class _Grads(NamedTuple):
 
 
 def _block_backward(blk: _Block, qu: Tensor, kv: Tensor, dscores: Tensor, scale_exp: Tensor, h: int, k: int,
-                    grads: _Grads, texts: slice, images: slice, ws: _Workspace) -> None:
-    """Add the block's gradients, given dloss/dscores [bI, c], to ``grads``."""
+                    grads: _Grads, texts: slice, dkv: Tensor, dgram: Tensor, ws: _Workspace) -> None:
+    """Add the block's gradients, given dloss/dscores [bI, c], to ``grads`` (texts, scale, bias)
+    and to its images' ``dkv`` [2H, d, bI*K] (keys and values) and ``dgram`` [bI, HK, HK]."""
     bi, c, hk = blk.attn.shape
     n = bi * c * hk
     grads.scale.add_((dscores * blk.cos).sum() * scale_exp)
@@ -157,9 +158,9 @@ def _block_backward(blk: _Block, qu: Tensor, kv: Tensor, dscores: Tensor, scale_
     torch.mul(attn, dnum[..., None, None], out=dview[1])
     dboth = dboth.view(2 * h, c, bi * k)
     grads.qu[:, texts] += torch.bmm(dboth, kv.transpose(1, 2))  # (a strided view: baddbmm_ would loop)
-    grads.kv[:, :, images].baddbmm_(qu.transpose(1, 2), dboth)
+    dkv.baddbmm_(qu.transpose(1, 2), dboth)
     weighted = torch.mul(blk.attn, dsq[..., None], out=blk.ga)  # G a is used up
-    grads.gram[images.start // k:images.stop // k].baddbmm_(weighted.transpose(1, 2), blk.attn)
+    dgram.baddbmm_(weighted.transpose(1, 2), blk.attn)
 
 
 def _gram_pass(inp: _GramInputs, logit_scale: Tensor, logit_bias: Tensor, blocks: tuple[int, int],
@@ -173,9 +174,12 @@ def _gram_pass(inp: _GramInputs, logit_scale: Tensor, logit_bias: Tensor, blocks
     for i0 in range(0, bi, blocks[0]):
         rows = slice(i0, min(bi, i0 + blocks[0]))
         cols = slice(i0 * k, rows.stop * k)
+        # The block's images contiguous: in-place batched matmuls on column slices would loop.
+        kv = inp.kv[:, :, cols].contiguous()
+        dkv = torch.zeros_like(kv) if grads is not None else None
         for j0 in range(0, bt, blocks[1]):
             texts = slice(j0, min(bt, j0 + blocks[1]))
-            qu, kv = inp.qu[:, texts], inp.kv[:, :, cols]
+            qu = inp.qu[:, texts]
             blk = _block_forward(qu, kv, inp.gram[rows], h, k, ws)
             scores = scale_exp * blk.cos + logit_bias
             if offset is None:
@@ -187,7 +191,9 @@ def _gram_pass(inp: _GramInputs, logit_scale: Tensor, logit_bias: Tensor, blocks
             total += F.softplus(-sign * scores).sum()
             if grads is not None:
                 _block_backward(blk, qu, kv, -sign * torch.sigmoid(-sign * scores), scale_exp, h, k, grads,
-                                texts, cols, ws)
+                                texts, dkv, grads.gram[rows], ws)
+        if grads is not None:
+            grads.kv[:, :, cols] = dkv
     return total
 
 
