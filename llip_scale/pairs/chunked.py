@@ -34,6 +34,7 @@ BLOCK_ELEMENTS = 1 << 22
 # Gram mode: texts per block (the inner size of the dG product, the rows of the G product),
 # unless chunk_size says otherwise; images per block fill BLOCK_ELEMENTS.
 GRAM_TEXTS = 256
+WORKSPACE_BLOCKS = 7  # buffers of one block's [images, texts, H*K] size that the fused pass holds
 
 
 def choose_mode(num_tokens: int, num_heads: int, embed_dim: int) -> str:
@@ -88,7 +89,7 @@ class _Workspace:
     them per block costs page faults at these sizes)."""
 
     def __init__(self, blocks: tuple[int, int], h: int, k: int, dtype: torch.dtype, grads: bool):
-        n = blocks[0] * blocks[1] * h * k
+        n = blocks[0] * blocks[1] * h * k  # WORKSPACE_BLOCKS of n in all
         self.raw = torch.empty(2 * n, dtype=dtype)  # head-major matmul output, then its gradient
         self.both = torch.empty(2 * n, dtype=dtype)  # image-major logits and <v, U>
         self.attn = torch.empty(n, dtype=dtype)
