@@ -124,6 +124,19 @@ def test_chunked_accepts_half_inputs_and_accumulates_in_fp32():
     torch.testing.assert_close(got, ref.detach(), rtol=3e-2, atol=3e-2)
 
 
+def test_chunked_gradients_of_half_inputs_match_fp32_reference():
+    """bf16 features are upcast for the fused pass; their gradients come back in bf16."""
+    inputs32 = make_inputs(4, 9, 5, 16, dtype=torch.float32, seed=2)
+    half = [x.detach().to(torch.bfloat16).requires_grad_() for x in inputs32]
+    ref, ref_g = loss_and_grads([x.detach().float().requires_grad_() for x in half], num_heads=4, tau=5.0,
+                                offset=2, backend="reference")
+    got, got_g = loss_and_grads(half, num_heads=4, tau=5.0, offset=2, backend="chunked")
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)  # unit targets are rounded to bf16
+    for name, a, b in zip(NAMES, got_g, ref_g):
+        assert a.dtype == torch.bfloat16, name
+        torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-3, msg=lambda m: f"grad {name}: {m}")
+
+
 def test_scores_match_reference_and_positions_are_ij():
     inputs = make_inputs(4, 7, 3, 8)
     ref = pair_scores(*inputs, num_heads=2, tau=1.0, backend="reference")
