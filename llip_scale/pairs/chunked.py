@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-# Elements of one [Bi, chunk, H*K] (or [Bi, chunk, E]) block when chunk_size is not given.
+# Elements of one block: [images, texts, H*K] in gram mode; [Bi, chunk, E] in plain mode when
+# chunk_size is not given.
 BLOCK_ELEMENTS = 1 << 22
 # Gram mode: texts per block (the inner size of the dG product, the rows of the G product),
 # unless chunk_size says otherwise; images per block fill BLOCK_ELEMENTS.
@@ -88,13 +89,13 @@ class _Workspace:
     """Buffers of one block, allocated once per pass and reused by every block (allocating
     them per block costs page faults at these sizes)."""
 
-    def __init__(self, blocks: tuple[int, int], h: int, k: int, dtype: torch.dtype, grads: bool):
+    def __init__(self, blocks: tuple[int, int], h: int, k: int, like: Tensor, grads: bool):
         n = blocks[0] * blocks[1] * h * k  # WORKSPACE_BLOCKS of n in all
-        self.raw = torch.empty(2 * n, dtype=dtype)  # head-major matmul output, then its gradient
-        self.both = torch.empty(2 * n, dtype=dtype)  # image-major logits and <v, U>
-        self.attn = torch.empty(n, dtype=dtype)
-        self.ga = torch.empty(n, dtype=dtype)  # G a, then a * dloss/d||z||^2
-        self.dattn = torch.empty(n if grads else 0, dtype=dtype)
+        self.raw = like.new_empty(2 * n)  # head-major matmul output, then its gradient
+        self.both = like.new_empty(2 * n)  # image-major logits and <v, U>
+        self.attn = like.new_empty(n)
+        self.ga = like.new_empty(n)  # G a, then a * dloss/d||z||^2
+        self.dattn = like.new_empty(n if grads else 0)
 
 
 class _Block(NamedTuple):
@@ -158,7 +159,7 @@ def _block_backward(blk: _Block, qu: Tensor, kv: Tensor, dscores: Tensor, scale_
     torch.mul(attn, dattn4, out=dview[0])
     torch.mul(attn, dnum[..., None, None], out=dview[1])
     dboth = dboth.view(2 * h, c, bi * k)
-    grads.qu[:, texts] += torch.bmm(dboth, kv.transpose(1, 2))  # (a strided view: baddbmm_ would loop)
+    grads.qu[:, texts] += torch.bmm(dboth, kv.transpose(1, 2))  # a strided view: baddbmm_ on it would loop
     dkv.baddbmm_(qu.transpose(1, 2), dboth)
     weighted = torch.mul(blk.attn, dsq[..., None], out=blk.ga)  # G a is used up
     dgram.baddbmm_(weighted.transpose(1, 2), blk.attn)
@@ -169,7 +170,7 @@ def _gram_pass(inp: _GramInputs, logit_scale: Tensor, logit_bias: Tensor, blocks
     """All blocks: the summed loss (``offset`` given) or the scores [Bi, Bt] (``offset`` None)."""
     h, k = inp.num_heads, inp.num_tokens
     bi, bt = inp.gram.shape[0], inp.qu.shape[1]
-    ws = _Workspace(blocks, h, k, inp.qu.dtype, grads is not None)
+    ws = _Workspace(blocks, h, k, inp.qu, grads is not None)
     scale_exp = logit_scale.exp()
     total = inp.qu.new_zeros(()) if offset is not None else inp.qu.new_empty(bi, bt)
     for i0 in range(0, bi, blocks[0]):
@@ -187,7 +188,9 @@ def _gram_pass(inp: _GramInputs, logit_scale: Tensor, logit_bias: Tensor, blocks
                 total[rows, texts] = scores
                 continue
             # The positive of image row r is text column offset + r.
-            pos = torch.arange(rows.start, rows.stop)[:, None] + offset == torch.arange(texts.start, texts.stop)
+            dev = scores.device
+            pos = torch.arange(rows.start, rows.stop, device=dev)[:, None] + offset == \
+                torch.arange(texts.start, texts.stop, device=dev)
             sign = torch.where(pos, 1.0, -1.0).to(scores.dtype)
             total += F.softplus(-sign * scores).sum()
             if grads is not None:
@@ -209,9 +212,11 @@ class _FusedGram(torch.autograd.Function):
         if any(ctx.needs_input_grad[:5]):
             grads = _Grads(torch.zeros_like(qu), torch.zeros_like(kv), torch.zeros_like(gram),
                            torch.zeros_like(logit_scale), torch.zeros_like(logit_bias))
+        loss = _gram_pass(inp, logit_scale, logit_bias, blocks, offset, grads) / normalizer
+        if grads is not None:
             ctx.save_for_backward(*grads)
         ctx.normalizer = normalizer
-        return _gram_pass(inp, logit_scale, logit_bias, blocks, offset, grads) / normalizer
+        return loss
 
     @staticmethod
     def backward(ctx, grad: Tensor):
