@@ -11,8 +11,9 @@ softmax, activations) is ignored, as is usual for MFU. Data flow of one sample:
 Training is forward + backward (backward = 2x forward). Activation checkpointing recomputes
 each transformer block in backward; PyTorch's non-reentrant checkpoint stops recomputing once
 the tensors backward needs are back, so a block's last matmul (the MLP output projection) is
-not redone. The pair backends (chunked, triton) recompute their forward in backward, which adds
-one more forward of the pair work. "Useful" FLOPs for MFU use the pair
+not redone. The `triton` pair backend, and `chunked` in its plain mode, recompute their forward in
+backward, which adds one more forward of the pair work; `chunked` in gram mode computes the
+gradients with the loss and recomputes nothing. "Useful" FLOPs for MFU use the pair
 definition ``plain`` (K*E logits + K*E mixing + E^2 output projection per pair) whatever the
 backend computes; ``gram`` and ``fold`` are the cheaper exact reformulations the backends use.
 """
@@ -120,7 +121,7 @@ def train_flops_per_sample(cfg: ModelConfig, global_batch: int, activation_check
     """FLOPs one sample costs in a training step (forward, backward, recomputation).
 
     Encoders: 3x forward, plus the recomputed blocks with activation checkpointing. Llip pairs: 3x forward, 4x when
-    the backend recomputes its forward in backward (``chunked`` and ``triton`` do). Pass
+    the backend recomputes its forward in backward (``triton`` and plain-mode ``chunked`` do). Pass
     ``activation_checkpointing=False, pair_recompute=False`` for the model FLOPs of MFU, the
     defaults of the run for the hardware FLOPs actually executed.
     """

@@ -198,17 +198,21 @@ def pair_head_bytes(cfg: ModelConfig, bi: int, bt: int, backend: str, act_bytes:
         saved = 2.0 * bi * bt * 4  # fp32 cos and ||z|| per pair, kept from the forward
         dtype = torch.float32 if act_bytes == 4 else torch.bfloat16
         return saved, workspace_bytes(bi, bt, k, e, nh, dtype) - saved
-    from llip_scale.pairs.chunked import choose_mode, default_chunk
+    from llip_scale.pairs.chunked import WORKSPACE_BLOCKS, choose_mode, default_chunk, gram_blocks
 
-    mode = choose_mode(k, nh, e)
-    chunk = min(bt, chunk_size or default_chunk(bi, k, nh, e, bt))
     upcast = 2 if act_bytes < 4 else 0  # bf16 keys/values get fp32 copies
-    per_text = 2 * e + (e if mode == "gram" else 0)  # q / tau, unit targets, U = t W_o^T
-    per_image = upcast * k * e + ((nh * k * e + (nh * k) ** 2) if mode == "gram" else 0)
-    saved = 4.0 * (bt * per_text + bi * per_image)
+    if choose_mode(k, nh, e) == "gram":
+        # Kept from forward to backward: q / tau and U, unit targets, keys and values per head,
+        # the folded values and G, and the gradients the fused pass computed (same sizes).
+        per_text = 2 * e + e + 2 * e
+        per_image = upcast * k * e + 2 * k * e + nh * k * e + 2 * (nh * k) ** 2 + 2 * k * e
+        saved = 4.0 * (bt * per_text + bi * per_image)
+        images, texts = gram_blocks(bi, bt, k, nh, chunk_size)
+        return saved, 4.0 * WORKSPACE_BLOCKS * images * texts * nh * k
+    chunk = min(bt, chunk_size or default_chunk(bi, k, nh, e, bt))
+    saved = 4.0 * (bt * 2 * e + bi * upcast * k * e)  # q / tau, unit targets
     # One block of texts, forward recomputed in backward plus its gradients.
-    width = 6 * nh * k if mode == "gram" else 2 * nh * k + 3 * e
-    transient = 2 * 4.0 * bi * chunk * width
+    transient = 2 * 4.0 * bi * chunk * (2 * nh * k + 3 * e)
     return saved, transient
 
 

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from llip_scale.pairs import pair_loss, pair_scores, sigmoid_loss
-from llip_scale.pairs.chunked import chunked_loss
+from llip_scale.pairs import chunked
+from llip_scale.pairs.chunked import chunked_loss, gram_blocks
 
 
 def make_inputs(bi, bt, k, e, dtype=torch.float64, seed=None):
@@ -58,6 +59,62 @@ def test_chunked_matches_reference_float32(shape):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Gram blocks of a few pairs, so that tests cover many image blocks x text blocks."""
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 64)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2] + SHAPES[3:4])
+@pytest.mark.parametrize("chunk", [None, 2, 5])
+def test_fused_gram_blocks_match_reference_float64(shape, chunk, monkeypatch):
+    bi, bt, k, e, h, off = shape
+    texts = gram_blocks(bi, bt, k, h, chunk)[1]
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 2 * texts * h * k)  # blocks of two images
+    assert gram_blocks(bi, bt, k, h, chunk)[0] == 2
+    inputs = make_inputs(bi, bt, k, e)
+    ref, ref_g = loss_and_grads(inputs, num_heads=h, tau=2.5, offset=off, backend="reference")
+    got, got_g = loss_and_grads(inputs, num_heads=h, tau=2.5, offset=off, backend="chunked", chunk_size=chunk)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    for name, a, b in zip(NAMES, got_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"grad {name}: {m}")
+    with torch.no_grad():
+        ref_s = pair_scores(*inputs, num_heads=h, tau=2.5, backend="reference")
+        got_s = pair_scores(*inputs, num_heads=h, tau=2.5, backend="chunked", chunk_size=chunk)
+    torch.testing.assert_close(got_s, ref_s, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_gram_backward_scales_by_the_incoming_gradient():
+    """The gradients are computed in forward: backward must still apply the chain rule."""
+    inputs = make_inputs(4, 9, 3, 16)
+    kw = dict(num_heads=2, tau=3.0, offset=1)
+    ref = pair_loss(*inputs, backend="reference", **kw)
+    ref_g = torch.autograd.grad(ref * 3.0 + ref ** 2, inputs)
+    got = pair_loss(*inputs, backend="chunked", **kw)
+    got_g = torch.autograd.grad(got * 3.0 + got ** 2, inputs)
+    for name, a, b in zip(NAMES, got_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_chunked_gradients_are_bitwise_repeatable(small_blocks):
+    inputs = make_inputs(6, 11, 4, 16, dtype=torch.float32)
+    kw = dict(num_heads=2, tau=5.0, offset=3, backend="chunked", chunk_size=4)
+    first, first_g = loss_and_grads(inputs, **kw)
+    second, second_g = loss_and_grads(inputs, **kw)
+    assert torch.equal(first, second)
+    for name, a, b in zip(NAMES, first_g, second_g):
+        assert torch.equal(a, b), name
+
+
+def test_chunked_without_grad_is_the_same_loss():
+    inputs = make_inputs(5, 12, 3, 16)
+    with_grad = pair_loss(*inputs, num_heads=4, tau=2.0, offset=2, backend="chunked")
+    with torch.no_grad():
+        without = pair_loss(*inputs, num_heads=4, tau=2.0, offset=2, backend="chunked")
+    assert not without.requires_grad
+    torch.testing.assert_close(without, with_grad.detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_chunked_accepts_half_inputs_and_accumulates_in_fp32():
     inputs32 = make_inputs(4, 9, 5, 16, dtype=torch.float32, seed=1)
     ref = pair_loss(*inputs32, num_heads=4, tau=5.0, offset=2, backend="reference")
@@ -65,6 +122,19 @@ def test_chunked_accepts_half_inputs_and_accumulates_in_fp32():
     got = pair_loss(*half, num_heads=4, tau=5.0, offset=2, backend="chunked")
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref.detach(), rtol=3e-2, atol=3e-2)
+
+
+def test_chunked_gradients_of_half_inputs_match_fp32_reference():
+    """bf16 features are upcast for the fused pass; their gradients come back in bf16."""
+    inputs32 = make_inputs(4, 9, 5, 16, dtype=torch.float32, seed=2)
+    half = [x.detach().to(torch.bfloat16).requires_grad_() for x in inputs32]
+    ref, ref_g = loss_and_grads([x.detach().float().requires_grad_() for x in half], num_heads=4, tau=5.0,
+                                offset=2, backend="reference")
+    got, got_g = loss_and_grads(half, num_heads=4, tau=5.0, offset=2, backend="chunked")
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)  # unit targets are rounded to bf16
+    for name, a, b in zip(NAMES, got_g, ref_g):
+        assert a.dtype == torch.bfloat16, name
+        torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-3, msg=lambda m: f"grad {name}: {m}")
 
 
 def test_scores_match_reference_and_positions_are_ij():

@@ -16,8 +16,9 @@ memory is not polluted by earlier runs (and an out-of-memory case only loses its
   runs its cases in one child, resetting the peak RSS between them. The triton backend is
   skipped there: the interpreter is for correctness only.
 
-Outputs in ``--out DIR``: profile.json (rows + device + matmul peak), profile.md (table) and
-profile.png (time and memory against the number of pairs); ``--json PATH`` writes the JSON too.
+Outputs in ``--out DIR``: profile.json (rows + device + matmul peak, measured before and after the
+sweep), profile.md (table) and profile.png (time and memory against the number of pairs);
+``--json PATH`` writes the JSON too.
 
     python tools/profile_pooler.py                                  # full sweep, default device
     python tools/profile_pooler.py --device cpu --quick --out DIR   # a sub-minute CPU sweep
@@ -330,8 +331,10 @@ def format_row(r: dict) -> str:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     peak = meta.get("matmul_peak") or {}
+    after = meta.get("matmul_peak_after") or {}
     lines = [f"Device: {peak.get('device_name', meta['device'])}; dense {peak.get('dtype', '')} matmul "
-             f"({peak.get('n', '?')}^3): {peak.get('tflops', float('nan')):.2f} TFLOP/s.",
+             f"({peak.get('n', '?')}^3): {peak.get('tflops', float('nan')):.2f} TFLOP/s"
+             + (f" before the sweep, {after['tflops']:.2f} after." if after.get("tflops") else "."),
              f"Command: `{meta['command']}`", "",
              "| backend | Bi | Bt | K | E | H | dtype | pass | time ms | pair TFLOP/s | % matmul peak | "
              "peak MiB | extra MiB | extra / inputs |",
@@ -486,8 +489,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         write_outputs(rows, meta, args.out, args.json)  # partial results survive an interrupted sweep
 
     together = device == "cpu" and args.quick and reset_peak_rss()
-    sweep(cases, peak.get("total_bytes") or (_host_memory() if device == "cpu" else None), on_row, together,
-          args.timeout)
+    rows = sweep(cases, peak.get("total_bytes") or (_host_memory() if device == "cpu" else None), on_row, together,
+                 args.timeout)
+    # Measured again after the sweep: on a shared machine the two bracket the load it ran under.
+    after = _child(["--child-peak", device, cases[0].dtype], args.timeout)
+    meta["matmul_peak_after"] = None if "error" in after else after
+    print(f"dense matmul after the sweep: {after.get('tflops', float('nan')):.2f} TFLOP/s")
+    write_outputs(rows, meta, args.out, args.json)
     return 0
 
 
