@@ -154,3 +154,27 @@ def test_workers_survive_the_stop_signals(data):
             os.kill(pid, sig)
     got += [next(batches) for _ in range(5)]
     assert all(_same(a, b) for a, b in zip(got, full))
+
+
+def test_a_process_with_an_open_loader_exits(data, tmp_path):
+    """Workers ignore SIGTERM, which multiprocessing sends to end them at interpreter exit: a
+    process that exits with a loader still open must not wait for them forever."""
+    import subprocess
+    import sys
+
+    from _train_helpers import HANG_LIMIT_S
+
+    spec, tok = data
+    script = tmp_path / "open_loader.py"
+    script.write_text(f"""
+from llip_scale.data import DataConfig, Tokenizer, build_train_loader
+cfg = DataConfig(shards={spec!r}, workers=2, shuffle_buffer=4, prefetch=2)
+loader = build_train_loader(cfg, batch_size=5, rank=0, world_size=1, image_size=16,
+                            tokenizer=Tokenizer({tok.path!r}, 16), seed=7)
+batches = iter(loader)
+next(batches)
+print("one batch", flush=True)
+""")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=HANG_LIMIT_S)
+    assert out.returncode == 0 and "one batch" in out.stdout, out.stderr
+    assert "Traceback" not in out.stderr and "killed by signal" not in out.stderr, out.stderr

@@ -12,7 +12,11 @@ Resuming: batch ``k`` came from stream ``k % W``, so the next one comes from str
 """
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
+import os
+import signal
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -37,6 +41,31 @@ class Batch:
     state: dict  # picklable; resuming from it yields exactly the batches after this one
     skipped: dict[str, int]  # reason -> samples skipped on this rank since the start of the run
     captions: list[str] = field(default_factory=list)  # the caption drawn for each sample
+
+
+def _init_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``. Schedulers signal every process of a job step (Slurm: TERM
+    on preemption and requeue, the job's --signal before the time limit): only the training
+    process decides what to do (save at a step boundary, then exit), so workers ignore those
+    signals. Workers still end when the loader shuts them down (a message on their queue), when
+    the training process dies (torch's watchdog), and on SIGHUP, which :func:`_end_workers` sends."""
+    ignore_stop_signals()
+    # A clean exit: torch's SIGCHLD handler in the training process reports a worker killed by
+    # a signal as an error.
+    signal.signal(signal.SIGHUP, lambda *_: os._exit(0))
+
+
+@atexit.register  # runs before multiprocessing's own exit hook (registered earlier, run later)
+def _end_workers() -> None:
+    """At interpreter exit multiprocessing ends daemonic children with SIGTERM, then waits for
+    them; workers of a loader still open ignore SIGTERM (see :func:`_init_worker`), so end them
+    with SIGHUP first, or the exit would wait forever."""
+    for child in multiprocessing.active_children():
+        if child.daemon and child.pid is not None:
+            try:
+                os.kill(child.pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
 
 
 def _no_collate(item: object) -> object:
@@ -133,14 +162,12 @@ class TrainLoader:
             # A generator of its own: iter(DataLoader) draws the workers' base seed from it, not
             # from the global RNG, whose state a checkpoint saves and a resume must reproduce.
             # The streams are seeded explicitly, so this seed only feeds torch's worker RNGs.
-            # Workers ignore the stop signals a scheduler sends to every process of the job: only
-            # the training process decides (save at a step boundary, then exit); a worker killed
-            # by the signal would crash the loop first.
+            # The workers ignore a scheduler's stop signals (see _init_worker).
             generator = torch.Generator().manual_seed(self.spec.seeds[0] + self._batches)
             source = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers,
                                      collate_fn=_no_collate, prefetch_factor=self.cfg.prefetch,
                                      pin_memory=torch.cuda.is_available(), generator=generator,
-                                     worker_init_fn=ignore_stop_signals))
+                                     worker_init_fn=_init_worker))
         for item in source:
             if item[0] == "error":
                 raise DataError(item[1])
