@@ -13,6 +13,7 @@ Resuming: batch ``k`` came from stream ``k % W``, so the next one comes from str
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -62,10 +63,8 @@ def _end_workers() -> None:
     with SIGHUP first, or the exit would wait forever."""
     for child in multiprocessing.active_children():
         if child.daemon and child.pid is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
                 os.kill(child.pid, signal.SIGHUP)
-            except ProcessLookupError:
-                pass
 
 
 def _no_collate(item: object) -> object:
