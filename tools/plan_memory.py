@@ -4,6 +4,11 @@
     tools/plan_memory.py configs/experiments/llip_g14.yaml --world-size 256 --gpu-mem 80
     tools/plan_memory.py configs/experiments/llip_*.yaml --world-size 256      # one line each
     tools/plan_memory.py CONFIG... --measure [--batch 64] [key.path=value ...]  # check on the CPU
+    tools/plan_memory.py g14 --world-size 256     # a size's name plans its Llip recipe
+
+CONFIG takes what tools/model_summary.py takes: a config file, or a size's name (``b16``), which
+plans that size's Llip recipe, configs/experiments/llip_NAME.yaml (the size's own
+configs/models/NAME.yaml where there is none, as for ``tiny``).
 
 One config prints the full breakdown (parameters, gradients, optimizer states under the ZeRO
 stage, gathered parameters, communication buffers, activations with or without checkpointing,
@@ -22,13 +27,15 @@ import sys
 from pathlib import Path
 
 from llip_scale import planning
-from llip_scale.config import ConfigError, load_config
+from llip_scale.config import CONFIG_ROOT, ConfigError, load_config
+from llip_scale.model.zoo import recipe_path, size_or_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="plan_memory.py", description=__doc__.splitlines()[0])
     p.add_argument("configs", nargs="+", metavar="CONFIG",
-                   help="YAML config(s), then optional dotted overrides (key.path=value)")
+                   help="YAML config(s) or model size names (b16, g14, ...), then optional dotted "
+                        "overrides (key.path=value)")
     p.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (GPUs)")
     p.add_argument("--batch", type=int, default=None,
                    help="per-GPU batch (default: batch_size / world size; with --measure: batch_size)")
@@ -46,6 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.configs:
         p.error("give at least one CONFIG")
     return args
+
+
+def config_path(arg: str) -> str:
+    """A CONFIG argument as a path load_config reads: a config file as given, a size's name as
+    its recipe (a name under the packaged configs/)."""
+    name, _ = size_or_config(arg)
+    return arg if name is None else recipe_path(name).relative_to(CONFIG_ROOT).as_posix()
 
 
 def _budget(args: argparse.Namespace) -> float:
@@ -119,6 +133,7 @@ def _available_bytes() -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        args.configs = [config_path(c) for c in args.configs]
         if args.measure:
             results = measure(args.configs, args)
             for r in results:

@@ -32,3 +32,27 @@ def model_config(name: str, **head_overrides) -> ModelConfig:
     cfg = from_dict(ModelConfig, data, "model")
     _validate_tree(cfg, "model")
     return cfg
+
+
+def size_or_config(arg: str) -> tuple[str | None, Path | None]:
+    """What a tool's MODEL argument names: a size (``b16``, ``ViT-B/16`` style ``B/16`` too) gives
+    ``(name, None)``; a config file, by path or by name under the packaged ``configs/``
+    (``official/llip_l14_k32``), gives ``(None, path)``. Anything else is a one-line ConfigError."""
+    from llip_scale.config import ConfigError, resolve_config_path
+
+    key = arg.lower().replace("/", "")
+    if (MODELS_DIR / f"{key}.yaml").is_file():
+        return key, None
+    try:
+        return None, resolve_config_path(arg)
+    except ConfigError:
+        pass
+    raise ConfigError(f"'{arg}' is neither a model size ({', '.join(model_names())}) nor a config file")
+
+
+def recipe_path(name: str) -> Path:
+    """The training config of a named size: its Llip experiment config
+    (``configs/experiments/llip_NAME.yaml``), or the size alone where there is none (``tiny``)."""
+    key = name.lower().replace("/", "")
+    recipe = MODELS_DIR.parent / "experiments" / f"llip_{key}.yaml"
+    return recipe if recipe.is_file() else MODELS_DIR / f"{key}.yaml"
