@@ -1,4 +1,5 @@
 # Two entry points: `make demo` and `make test`. Both create .venv on first use.
+# `make test-fast` skips the tests marked slow: the tier to run after each change.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ export PYTHONUNBUFFERED := 1
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 BENCH_DEVICE ?= cpu
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-fast bench clean
 
 venv: $(STAMP)
 
@@ -30,6 +31,9 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q $(ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 # Benchmarks; record the printed numbers in benchmarks/RESULTS.md.
 bench: venv
