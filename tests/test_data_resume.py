@@ -156,6 +156,7 @@ def test_workers_survive_the_stop_signals(data):
     assert all(_same(a, b) for a, b in zip(got, full))
 
 
+@pytest.mark.slow  # a process with two loader workers
 def test_a_process_with_an_open_loader_exits(data, tmp_path):
     """Workers ignore SIGTERM, which multiprocessing sends to end them at interpreter exit: a
     process that exits with a loader still open must not wait for them forever."""

@@ -49,16 +49,19 @@ def two_ranks(tmp_path_factory) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
+@pytest.mark.slow  # two processes
 def test_init_gives_a_gloo_group_on_cpu(two_ranks):
     assert [r["env"] for r in two_ranks] == [(0, 2, "cpu"), (1, 2, "cpu")]
 
 
+@pytest.mark.slow  # two processes
 def test_all_gather_concatenates_in_rank_order(two_ranks):
     expected = torch.cat([torch.arange(6.0).reshape(3, 2), torch.arange(6.0).reshape(3, 2) + 10])
     for r in two_ranks:
         assert torch.equal(r["gathered"], expected)
 
 
+@pytest.mark.slow  # two processes
 def test_all_gather_backward_sums_every_ranks_gradient(two_ranks):
     # d(sum_r loss_r)/dx_rank = sum_r weights_r[rows of rank] = (1 + 2) * arange rows.
     base = torch.arange(12.0).reshape(6, 2)
@@ -66,6 +69,7 @@ def test_all_gather_backward_sums_every_ranks_gradient(two_ranks):
         assert torch.equal(r["grad"], 3 * base[3 * rank: 3 * rank + 3])
 
 
+@pytest.mark.slow  # two processes
 def test_agree_spreads_a_nonfinite_loss_and_a_stop_request_to_every_rank(two_ranks):
     for r in two_ranks:
         verdict = r["verdict"]
@@ -73,6 +77,7 @@ def test_agree_spreads_a_nonfinite_loss_and_a_stop_request_to_every_rank(two_ran
         assert verdict.loss == 2.0  # the mean of the finite losses
 
 
+@pytest.mark.slow  # two processes
 def test_objects_are_exchanged(two_ranks):
     for r in two_ranks:
         assert r["objects"] == [{"rank": 0}, {"rank": 1}]

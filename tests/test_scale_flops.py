@@ -50,6 +50,7 @@ def test_counts_match_the_flop_counter(kind, backend, mode):
     assert fwd + bwd < train
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_recomputes_the_blocks():
     torch.manual_seed(0)
     cfg = model_config("tiny")

@@ -263,7 +263,8 @@ def _scaled_down(cfg):
     return dataclasses.replace(cfg, vision=vision, text=text, head=dataclasses.replace(cfg.head, embed_dim=16))
 
 
-@pytest.mark.parametrize("name", list(RELEASE))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("llip_h14_k64", "llip_g14_k64")
+                                  else n for n in RELEASE])  # the deep ones take seconds each
 def test_every_released_size_reproduces_the_official_forward(name):
     """A release-layout state dict of each size (widths scaled down), converted, gives the
     official formulas' keys, values, queries, targets and scores."""
