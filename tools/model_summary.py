@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from llip_scale.config import ConfigError
+from llip_scale.errors import ConfigError
 from llip_scale.model import model_config, model_names
 from llip_scale.model.summary import parameter_counts
 

@@ -21,8 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from llip_scale import planning
 from llip_scale.config import ConfigError, load_config
+from llip_scale.scale import planning
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,7 +70,7 @@ def summary_line(r: dict, budget: float) -> str:
 
 _MEASURE = """
 import gc, json, sys
-from llip_scale import planning
+from llip_scale.scale import planning
 from llip_scale.config import load_config
 job = json.loads(sys.argv[1])
 for i, path in enumerate(job["configs"]):
