@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED := 1
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 BENCH_DEVICE ?= cpu
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv package-path demo test test-fast lint bench clean
 
 venv: $(STAMP)
 
@@ -23,8 +23,18 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -c "from llip_scale.engine import prebuild_ops; print('built:', *prebuild_ops())"
+	$(MAKE) --no-print-directory package-path
+	$(PY) -c "from llip_scale.train.engine import prebuild_ops; print('built:', *prebuild_ops())"
 	touch $(STAMP)
+
+# The editable install maps kernels/, launchers/ and configs/ into the package with an import
+# hook that Python asks only after its search of sys.path. From a folder holding a checkout
+# named llip_scale, that search finds ./llip_scale (no __init__.py: an empty namespace package)
+# and the hook is never asked. A folder on sys.path with a link to the package makes the search
+# find the real one; the hook still serves the mapped folders.
+package-path:
+	mkdir -p $(VENV)/package && ln -sfn $(CURDIR)/llip_scale $(VENV)/package/llip_scale
+	$(PY) -c "import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()['purelib'], 'llip_scale_package.pth').write_text('$(abspath $(VENV))/package\n')"
 
 demo: venv
 	$(PY) -m llip_scale.demo $(ARGS)
@@ -34,6 +44,9 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+lint: venv
+	$(PY) -m ruff check .
 
 # Benchmarks; record the printed numbers in benchmarks/RESULTS.md.
 bench: venv

@@ -32,7 +32,6 @@ import triton
 from torch import Tensor
 
 from llip_scale.kernels import pair_kernels as pk
-from llip_scale.pairs import register_backend
 from llip_scale.pairs.chunked import chunked_scores
 
 __all__ = ["triton_loss", "triton_scores", "KernelPlan", "make_plan", "Chunks", "plan_chunks", "workspace_bytes",
@@ -391,5 +390,3 @@ def triton_scores(keys: Tensor, values: Tensor, w_o: Tensor, queries: Tensor, ta
         out, _ = _forward(*inputs, num_heads, float(tau), 0, pk.MODE_SCORES)
     return out
 
-
-register_backend("triton", triton_loss, triton_scores)

@@ -5,12 +5,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from llip_scale.errors import ConfigError
+
 _TIME = re.compile(r"^(?:(?P<days>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
 
 
 def _fail(message: str) -> None:
-    from llip_scale.config import ConfigError
-
     raise ConfigError(message)
 
 

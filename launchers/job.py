@@ -20,8 +20,10 @@ from typing import Callable, Optional
 
 import submitit
 
-from llip_scale.distributed import PreemptionFlag, ignore_stop_signals
+from llip_scale.config import load_config
 from llip_scale.launchers.slurm import slurm_job_state
+from llip_scale.train.distributed import PreemptionFlag, ignore_stop_signals
+from llip_scale.train.loop import EXIT_PREEMPTED, main
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -29,8 +31,6 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.config_path = config_path
 
     def __call__(self) -> int:
-        from llip_scale.config import load_config
-        from llip_scale.train import EXIT_PREEMPTED, main
 
         env = submitit.JobEnvironment()
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)

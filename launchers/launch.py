@@ -22,7 +22,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import submitit
+from submitit.slurm.slurm import SlurmExecutor
+
 from llip_scale.config import Config, ConfigError, load_config, local_batch_size, save_config
+from llip_scale.data.build import check_data, tokenizer_from_config
+from llip_scale.launchers.job import TrainJob
+from llip_scale.launchers.slurm import wait_for_job
+from llip_scale.launchers.snapshot import snapshot_code
 
 SUBMITIT_DIR = "submitit"
 
@@ -51,7 +58,6 @@ def slurm_parameters(cfg: Config, code_dir: Path) -> dict:
 
 
 def slurm_executor(cfg: Config, run_dir: Path, code_dir: Path):
-    import submitit
 
     ex = submitit.AutoExecutor(folder=run_dir / SUBMITIT_DIR, cluster="slurm",
                                slurm_max_num_timeout=cfg.launcher.max_requeues)
@@ -62,7 +68,6 @@ def slurm_executor(cfg: Config, run_dir: Path, code_dir: Path):
 @contextlib.contextmanager
 def _without_srun_check():
     """submitit refuses to build a Slurm executor where srun is missing; a dry run needs none."""
-    from submitit.slurm.slurm import SlurmExecutor
 
     original = SlurmExecutor.__dict__["affinity"]
     SlurmExecutor.affinity = classmethod(lambda cls: 2)
@@ -80,8 +85,6 @@ def sbatch_script(cfg: Config, run_dir: Path, code_dir: Path) -> str:
 
 
 def local_executor(cfg: Config, run_dir: Path, code_dir: Path):
-    import submitit
-
     lc = cfg.launcher
     ex = submitit.LocalExecutor(folder=run_dir / SUBMITIT_DIR, max_num_timeout=lc.max_requeues)
     ex.update_parameters(tasks_per_node=lc.tasks, nodes=1, gpus_per_node=lc.gpus_per_node,
@@ -95,7 +98,6 @@ def torchrun_command(cfg: Config, config_path: Path) -> list[str]:
 
 def prepare_run(cfg: Config) -> tuple[Path, Path, Path]:
     """Write RUN/config.yaml and the code snapshot; returns (run_dir, config_path, code_dir)."""
-    from llip_scale.launchers.snapshot import snapshot_code
 
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -106,10 +108,9 @@ def prepare_run(cfg: Config) -> tuple[Path, Path, Path]:
 
 def check_inputs(cfg: Config) -> list[str]:
     """Fail (ConfigError) when the run could not read its data or tokenizer; return warnings."""
-    from llip_scale.train import build_tokenizer, check_data
 
     check_data(cfg)
-    build_tokenizer(cfg)
+    tokenizer_from_config(cfg)
     lc = cfg.launcher
     if lc.kind == "slurm" and not lc.gpus_per_node:
         return [f"launcher.gpus_per_node=0: the Slurm job asks for no GPU and trains on {lc.tasks} CPU task(s) per "
@@ -119,7 +120,6 @@ def check_inputs(cfg: Config) -> list[str]:
 
 def submit(cfg: Config):
     """Launch ``cfg`` as configured; returns the submitit job (or torchrun's exit code)."""
-    from llip_scale.launchers.job import TrainJob
 
     run_dir, config_path, code_dir = prepare_run(cfg)
     if cfg.launcher.kind == "local" and cfg.launcher.local_mode == "torchrun":
@@ -137,7 +137,6 @@ def submit(cfg: Config):
 def wait_for(job, cfg: Config) -> int:
     """Wait for a submitted job's final state; 0 when it completed."""
     if cfg.launcher.kind == "slurm":
-        from llip_scale.launchers.slurm import wait_for_job
 
         state = wait_for_job(job.job_id, report=lambda line: print(f"llip-launch: {line}", flush=True))
         if state != "COMPLETED":

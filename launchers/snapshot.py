@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 import llip_scale
+import llip_scale.configs
+import llip_scale.kernels
+import llip_scale.launchers
 
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "*.egg-info")
 
@@ -27,9 +30,6 @@ def _git(args: list[str], cwd: Path) -> str:
 
 def package_sources() -> dict[str, Path]:
     """Installed package folders, keyed by their place inside the package."""
-    import llip_scale.configs
-    import llip_scale.kernels
-    import llip_scale.launchers
 
     root = Path(llip_scale.__file__).resolve().parent
     return {"": root, "kernels": Path(llip_scale.kernels.__file__).resolve().parent,

@@ -13,6 +13,10 @@ import logging
 import signal
 import sys
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args, run
+
 
 def torchrun_args(nproc: int, config: str, overrides: list[str]) -> list[str]:
     return ["--standalone", f"--nproc_per_node={nproc}", "-m", "llip_scale.train", config, *overrides]
@@ -26,9 +30,6 @@ def _quiet_agent() -> None:
 
 def run_local(nproc: int, config: str, overrides: list[str]) -> int:
     """Run the training in ``nproc`` local processes; the exit status of the run."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
 
     _quiet_agent()
     try:

@@ -13,10 +13,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 _EXPORTS = {
-    "load_pretrained": "llip_scale.pretrained",
-    "create_model": "llip_scale.factory",
-    "create_model_and_transforms": "llip_scale.factory",
-    "get_tokenizer": "llip_scale.factory",
+    "load_pretrained": "llip_scale.interop.pretrained",
+    "create_model": "llip_scale.interop.factory",
+    "create_model_and_transforms": "llip_scale.interop.factory",
+    "get_tokenizer": "llip_scale.interop.factory",
 }
 __all__ = sorted(_EXPORTS)
 

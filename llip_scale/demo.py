@@ -19,7 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from llip_scale.config import Config, ConfigError, load_config, local_batch_size
+from llip_scale.eval.heldout import heldout_source
 
 DEMO_CONFIG = "configs/experiments/demo.yaml"
 DEMO_DATA = Path("data/demo")
@@ -82,7 +85,6 @@ def summary_lines(cfg: Config, seconds: float | None) -> list[str]:
              f"  training     loss {first:.3f} -> {last:.3f} (first and last tenth of the logged steps), "
              f"{train[-1]['perf/samples_per_s']:.0f} samples/s, data wait {_percent(train[-1]['perf/data_wait'])}"]
     if "eval/loss" in summary:
-        from llip_scale.train import heldout_source
         pairs = f"{summary['eval/pairs']:.0f} pairs" + (
             ", the first caption of each retrieval image" if heldout_source(cfg) == "folder" else "")
         lines.append(f"  held-out     loss {summary['eval/loss']:.3f}, image->text R@1 "
@@ -118,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         if not env.get("DS_ACCELERATOR"):
-            import torch
             env["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
         print(expected_time(cfg, args.nproc), flush=True)
         start = time.time()

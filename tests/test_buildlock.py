@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _train_helpers import PYTHON, REPO, run_env, tail, write_config
-from llip_scale.buildlock import clear_stale_locks, extensions_root
+
+from llip_scale.train.buildlock import clear_stale_locks, extensions_root
 
 
 def _holder(lock: Path) -> subprocess.Popen:

@@ -14,10 +14,25 @@ import numpy as np
 import pytest
 import torch
 
-from llip_scale import checkpoint
-from llip_scale.checkpoint import (MARKER, ResumeError, checksum_files, crc32_file, export, list_checkpoints,
-                                   owner, problem, problems, prune, read_marker, rng_state, set_rng_state, step_tag,
-                                   verify, write_marker)
+from llip_scale.train import checkpoint
+from llip_scale.train.checkpoint import (
+    MARKER,
+    ResumeError,
+    checksum_files,
+    crc32_file,
+    export,
+    first_problem,
+    list_checkpoints,
+    owner,
+    problems,
+    prune,
+    read_marker,
+    rng_state,
+    set_rng_state,
+    step_tag,
+    verify,
+    write_marker,
+)
 
 
 def fake_checkpoint(run: Path, step: int, complete: bool = True, world: int = 2) -> Path:
@@ -32,30 +47,30 @@ def fake_checkpoint(run: Path, step: int, complete: bool = True, world: int = 2)
 
 
 def test_complete_checkpoint_has_no_problem(tmp_path):
-    assert problem(fake_checkpoint(tmp_path, 10), world_size=2) is None
+    assert first_problem(fake_checkpoint(tmp_path, 10), world_size=2) is None
 
 
 def test_missing_marker_means_an_interrupted_write(tmp_path):
-    assert "no completion marker" in problem(fake_checkpoint(tmp_path, 10, complete=False))
+    assert "no completion marker" in first_problem(fake_checkpoint(tmp_path, 10, complete=False))
 
 
 def test_truncated_or_missing_files_are_named(tmp_path):
     path = fake_checkpoint(tmp_path, 10)
     (path / "model.pt").write_bytes(b"x" * 40)
-    assert problem(path) == "model.pt has 40 bytes where 100 were written"
+    assert first_problem(path) == "model.pt has 40 bytes where 100 were written"
     (path / "model.pt").unlink()
-    assert problem(path) == "model.pt is missing"
+    assert first_problem(path) == "model.pt is missing"
 
 
 def test_unreadable_marker(tmp_path):
     path = fake_checkpoint(tmp_path, 10)
     (path / MARKER).write_text("{not json")
-    assert "completion marker is unreadable" in problem(path)
+    assert "completion marker is unreadable" in first_problem(path)
 
 
 def test_other_world_size_stops_the_resume(tmp_path):
     with pytest.raises(ResumeError, match="written by 4 ranks but this run has 2; rerun with 4 ranks"):
-        problem(fake_checkpoint(tmp_path, 10, world=4), world_size=2)
+        first_problem(fake_checkpoint(tmp_path, 10, world=4), world_size=2)
 
 
 def test_list_is_newest_first_and_ignores_other_names(tmp_path):

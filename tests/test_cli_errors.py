@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from _train_helpers import HANG_LIMIT_S, PYTHON, REPO, run, run_env, tail, wait_for, write_config
 from shardgen import caption, make_tokenizer, write_tar
 

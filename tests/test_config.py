@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from _train_helpers import HANG_LIMIT_S
+
 from llip_scale.config import ConfigError, load_config, save_config
 from llip_scale.model import model_names
 

@@ -6,10 +6,9 @@ import logging
 import tarfile
 
 import pytest
+from shardgen import good_members, image_bytes, make_tokenizer, write_tar
 
 from llip_scale.data import DataConfig, DataError, build_train_loader
-
-from shardgen import good_members, image_bytes, make_tokenizer, write_tar
 
 BATCH = 4
 BAD_SAMPLES = [  # (members, reason): each reason once per pass over mixed.tar

@@ -6,12 +6,11 @@ import pickle
 
 import pytest
 import torch
+from shardgen import make_tokenizer, write_good_shards
 
 from llip_scale.config import ConfigError
 from llip_scale.data import DataConfig, build_train_loader
 from llip_scale.data import stream as stream_module
-
-from shardgen import make_tokenizer, write_good_shards
 
 BATCH, IMAGE = 5, 16
 

@@ -8,13 +8,12 @@ import itertools
 import tarfile
 
 import pytest
+from shardgen import good_members, make_tokenizer, write_good_shards
 
 from llip_scale.config import ConfigError, load_config
 from llip_scale.data import DataConfig, build_train_loader, check_sources
 from llip_scale.data.shards import ShardSampler, expand_braces, parse_sources
 from llip_scale.data.tario import TarError, iter_members, iter_samples
-
-from shardgen import good_members, make_tokenizer, write_good_shards
 
 
 def test_brace_expansion():

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from shardgen import write_good_shards
 
 from llip_scale.config import ConfigError
 from llip_scale.data import Tokenizer, train_tokenizer
-
-from shardgen import write_good_shards
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 

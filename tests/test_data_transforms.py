@@ -10,8 +10,17 @@ import torch
 from PIL import Image
 
 from llip_scale.data.samples import SkipSample, captions
-from llip_scale.data.transforms import (OPENAI_MEAN, OPENAI_STD, BadImage, crop_params, decode_image,
-                                        eval_crop, eval_image, normalize, train_crop)
+from llip_scale.data.transforms import (
+    OPENAI_MEAN,
+    OPENAI_STD,
+    BadImage,
+    crop_params,
+    decode_image,
+    eval_crop,
+    eval_image,
+    normalize,
+    train_crop,
+)
 
 
 def test_random_resized_crop_boxes_stay_in_range():

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from llip_scale.distributed import PreemptionFlag, agree, all_gather_with_grad, launch_env, resolve_backend
+from llip_scale.train.distributed import PreemptionFlag, agree, all_gather_with_grad, launch_env, resolve_backend
 
 WORLD = 2
 
@@ -25,7 +25,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
     """One of two ranks: exercise the collectives and save what each rank saw (on the CPU)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
-    from llip_scale.distributed import all_gather_objects, broadcast_object, init_distributed, shutdown
+    from llip_scale.train.distributed import all_gather_objects, broadcast_object, init_distributed, shutdown
 
     env = init_distributed("auto")
     x = torch.arange(6.0).reshape(3, 2).add(10 * rank).requires_grad_()  # rank r's rows: 10r + ...

@@ -357,8 +357,8 @@ def export_tiny(folder: Path, vocab_size: int) -> Path:
 
 
 def test_llip_eval_datasets_table_json_and_progress(tmp_path, demo_data, capsys):
-    from llip_scale.pretrained import load_pretrained
-    from llip_scale.tokenizers import build_tokenizer
+    from llip_scale.interop.pretrained import load_pretrained
+    from llip_scale.interop.tokenizers import build_tokenizer
 
     model_dir = export_tiny(tmp_path / "model", 1024)
     tok = demo_data / "tokenizer.model"
@@ -433,10 +433,9 @@ def test_llip_eval_dataset_problems_are_one_line_before_the_model_loads(tmp_path
 
 @pytest.mark.slow
 def test_a_built_wheel_ships_the_eval_assets(tmp_path):
+    import shutil
     import subprocess
     import sys
-
-    import shutil
 
     repo, src = Path(__file__).resolve().parents[1], tmp_path / "src"
     src.mkdir()

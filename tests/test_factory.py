@@ -16,9 +16,9 @@ import llip_scale
 from llip_scale.config import ConfigError
 from llip_scale.data.tokenizer import Tokenizer, train_tokenizer
 from llip_scale.data.transforms import eval_image
-from llip_scale.factory import resolve, write_inference_file
+from llip_scale.interop.factory import resolve, write_inference_file
+from llip_scale.interop.tokenizers import ClipBpeTokenizer
 from llip_scale.model import build_model, model_config
-from llip_scale.tokenizers import ClipBpeTokenizer
 
 SMALL = {"vision": {"image_size": 32, "patch_size": 8, "width": 32, "depth": 1, "heads": 2, "mlp_dim": 64,
                     "num_tokens": 4},
@@ -155,9 +155,10 @@ def test_pretrained_weights_into_a_named_architecture_must_fit(tmp_path):
 def test_official_checkpoint_through_the_factory(tmp_path):
     """A release-layout .pt loaded with create_model (architecture from a config) equals the
     importer's result, and its tokenizer is CLIP BPE from the packaged vocabulary."""
-    from test_scale_official import SMALL as OFFICIAL_SMALL, _tool, _write_config, official_layout
+    from test_scale_official import SMALL as OFFICIAL_SMALL
+    from test_scale_official import _tool, _write_config, official_layout
 
-    from llip_scale import official
+    from llip_scale.interop import official
 
     sd = official_layout(OFFICIAL_SMALL["vision"], OFFICIAL_SMALL["text"], 32, False)
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "ckpt.pt")

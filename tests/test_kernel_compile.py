@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from _train_helpers import HANG_LIMIT_S
 
 triton = pytest.importorskip("triton")

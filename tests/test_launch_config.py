@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from _train_helpers import HANG_LIMIT_S
+
 from llip_scale.config import ConfigError, load_config
 from llip_scale.launchers.config import parse_slurm_time
 from llip_scale.launchers.launch import dry_run

@@ -11,9 +11,17 @@ import signal
 from pathlib import Path
 
 import pytest
+from _train_helpers import (
+    checkpoint_differences,
+    metrics,
+    newest_complete,
+    run,
+    tail,
+    train_command,
+    wait_for,
+    write_config,
+)
 
-from _train_helpers import checkpoint_differences, metrics, newest_complete, run, tail, train_command, \
-    wait_for, write_config
 from llip_scale.config import load_config
 
 pytestmark = pytest.mark.slow

@@ -127,10 +127,10 @@ def test_a_clip_vocabulary_model_trains_with_the_packaged_clip_bpe():
     CLIP BPE, which travels to the loader's worker processes."""
     import pickle
 
-    from llip_scale.tokenizers import ClipBpeTokenizer
-    from llip_scale.train import build_tokenizer
+    from llip_scale.data.build import tokenizer_from_config
+    from llip_scale.interop.tokenizers import ClipBpeTokenizer
 
     cfg = load_config("official/llip_l14_k32", ["data.source=webdataset"])
-    tok = pickle.loads(pickle.dumps(build_tokenizer(cfg)))
+    tok = pickle.loads(pickle.dumps(tokenizer_from_config(cfg)))
     assert isinstance(tok, ClipBpeTokenizer) and tok.context_length == 64
     assert tok(["a photo of a cat"])[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]

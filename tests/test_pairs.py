@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llip_scale.pairs import pair_loss, pair_scores, sigmoid_loss
-from llip_scale.pairs import chunked
+from llip_scale.pairs import chunked, pair_loss, pair_scores, sigmoid_loss
 from llip_scale.pairs.chunked import chunked_loss, gram_blocks
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from _train_helpers import REPO, run, tail
 
 pytestmark = pytest.mark.slow

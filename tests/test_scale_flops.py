@@ -6,8 +6,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from llip_scale import flops
 from llip_scale.model import build_model, model_config
+from llip_scale.scale import flops
 
 BATCH = 6
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from _train_helpers import REPO, metrics, newest_complete, run, tail, train_command, write_config
 
 pytestmark = pytest.mark.slow

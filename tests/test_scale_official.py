@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from llip_scale import official
 from llip_scale.config import load_config
-from llip_scale.model import model_config
+from llip_scale.interop import official
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"vision": {"image_size": 32, "patch_size": 8, "width": 64, "depth": 2, "heads": 2, "mlp_dim": 256,

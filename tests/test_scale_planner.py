@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llip_scale import planning
 from llip_scale.config import ConfigError, load_config
 from llip_scale.model import build_model
+from llip_scale.scale import planning
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "models" / "tiny.yaml"
@@ -194,7 +194,7 @@ def test_triton_pair_head_is_the_kernels_own_workspace_plan(name, bi, bt, dtype)
     stats kept from the forward plus the backward's workspace)."""
     from llip_scale.kernels.pairs import workspace_bytes
     from llip_scale.model import model_config
-    from llip_scale.planning import pair_head_bytes
+    from llip_scale.scale.planning import pair_head_bytes
 
     cfg = model_config(name)
     saved, transient = pair_head_bytes(cfg, bi, bt, "triton", dtype.itemsize)

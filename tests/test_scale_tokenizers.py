@@ -7,8 +7,8 @@ import gzip
 import pytest
 import torch
 
+from llip_scale.interop.tokenizers import ClipBpeTokenizer, build_tokenizer
 from llip_scale.model.text import eot_positions
-from llip_scale.tokenizers import ClipBpeTokenizer, build_tokenizer
 
 MERGES = ["t h", "th e</w>", "c a", "ca t</w>", "p h", "o t", "ph ot", "phot o</w>"]
 

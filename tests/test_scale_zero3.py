@@ -1,5 +1,5 @@
 """ZeRO-3 model building on the CPU: 2 ranks (torchrun, gloo, DS_ACCELERATOR=cpu) build models
-under deepspeed.zero.Init through llip_scale.zero_init.build_model_zero3."""
+under deepspeed.zero.Init through llip_scale.train.zero_init.build_model_zero3."""
 from __future__ import annotations
 
 import json
@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _train_helpers import HANG_LIMIT_S
-from llip_scale import planning
+
 from llip_scale.model import model_config
+from llip_scale.scale import planning
 
 WORKER = Path(__file__).with_name("zero3_worker.py")
 # G/14 at full depth takes minutes on 2 CPU cores; the default keeps every width and the

@@ -24,9 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
-
-from _train_helpers import HANG_LIMIT_S, REPO, checkpoint_differences, metrics, newest_complete, run_env, tail, \
-    wait_for
+from _train_helpers import HANG_LIMIT_S, REPO, checkpoint_differences, metrics, newest_complete, run_env, tail, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 STEPS = 12

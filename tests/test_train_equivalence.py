@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _train_helpers import PYTHON, REPO, run, tail, write_config
 
 pytestmark = pytest.mark.slow
@@ -75,7 +74,7 @@ def test_logit_scale_is_clamped_in_the_optimizer_copy_too(results, stage):
 
 
 def test_export_consolidates_the_zero3_checkpoint_exactly(results, tmp_path):
-    from llip_scale.checkpoint import export
+    from llip_scale.train.checkpoint import export
 
     weights = export(results[3]["checkpoint"], tmp_path / "export")
     from safetensors.torch import load_file

@@ -29,10 +29,20 @@ import time
 from pathlib import Path
 
 import pytest
+from _train_helpers import (
+    HANG_LIMIT_S,
+    PYTHON,
+    checkpoint_differences,
+    metrics,
+    newest_complete,
+    run,
+    start,
+    tail,
+    train_command,
+    write_config,
+)
 
-from _train_helpers import (HANG_LIMIT_S, PYTHON, checkpoint_differences, metrics, newest_complete, run, start,
-                            tail, train_command, write_config)
-from llip_scale.checkpoint import MARKER, export, problems
+from llip_scale.train.checkpoint import MARKER, export, problems
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers in Linux /proc")]

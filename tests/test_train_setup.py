@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-
 from _train_helpers import run, tail, train_command, write_config
+
 from llip_scale.config import ConfigError, load_config
 
 
@@ -22,7 +22,7 @@ def small(tmp_path):
 # -- config and DeepSpeed config ------------------------------------------------------------------
 
 def test_deepspeed_section_is_merged_last(small):
-    from llip_scale.engine import deepspeed_config
+    from llip_scale.train.engine import deepspeed_config
 
     cfg = load_config(small, ["distributed.zero_stage=3", "optim.grad_clip=1.0",
                               "distributed.deepspeed={zero_optimization: {stage3_prefetch_bucket_size: 1000, "
@@ -41,7 +41,7 @@ def test_deepspeed_section_cannot_change_the_stage(small):
 
 
 def test_bad_signal_and_batch_split_are_reported(small):
-    from llip_scale.engine import local_batch_size
+    from llip_scale.train.engine import local_batch_size
 
     with pytest.raises(ConfigError, match="preempt_signals: 'SIGBOGUS'"):
         load_config(small, ["distributed.preempt_signals=[SIGBOGUS]"])
@@ -50,7 +50,7 @@ def test_bad_signal_and_batch_split_are_reported(small):
 
 
 def test_cli_reports_a_config_error_in_one_line(small, capsys):
-    from llip_scale.train import EXIT_CONFIG, cli
+    from llip_scale.train.loop import EXIT_CONFIG, cli
 
     assert cli([str(small), "optim.lrr=1e-3"]) == EXIT_CONFIG
     err = capsys.readouterr().err.strip()
@@ -60,8 +60,8 @@ def test_cli_reports_a_config_error_in_one_line(small, capsys):
 # -- optimizer pieces -----------------------------------------------------------------------------
 
 def test_no_weight_decay_on_gains_biases_and_logit_parameters(small):
-    from llip_scale.engine import param_groups
     from llip_scale.model import build_model
+    from llip_scale.train.engine import param_groups
 
     model = build_model(load_config(small).model)
     decay, no_decay = param_groups(model, 0.2)
@@ -77,7 +77,7 @@ def test_no_weight_decay_on_gains_biases_and_logit_parameters(small):
 
 
 def test_warmup_then_cosine():
-    from llip_scale.engine import WarmupCosine
+    from llip_scale.train.engine import WarmupCosine
 
     s = WarmupCosine(warmup=4, total=14, min_ratio=0.1)
     assert [s(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -118,7 +118,7 @@ def test_synthetic_stream_resumes_after_the_saved_batch():
 # -- metrics and held-out numbers -----------------------------------------------------------------
 
 def test_metrics_drop_entries_past_the_resume_point(tmp_path):
-    from llip_scale.metrics import MetricsWriter, read_jsonl
+    from llip_scale.train.metrics import MetricsWriter, read_jsonl
 
     w = MetricsWriter(tmp_path, enabled=True, tensorboard=False)
     for step in range(1, 6):
@@ -133,7 +133,7 @@ def test_metrics_drop_entries_past_the_resume_point(tmp_path):
 
 
 def test_progress_lines_and_rates():
-    from llip_scale.metrics import Progress, StepMeter
+    from llip_scale.train.metrics import Progress, StepMeter
 
     meter = StepMeter(samples_per_step=8, flops_per_sample=1e9, peak_flops=1e12)
     meter.waited(0.0)
@@ -150,7 +150,7 @@ def test_progress_lines_and_rates():
 
 
 def test_heldout_metrics_from_a_score_matrix():
-    from llip_scale.heldout import _blocks_loss, _recall_at_1
+    from llip_scale.eval.heldout import _blocks_loss, _recall_at_1
 
     scores = torch.full((4, 4), -5.0)
     scores[torch.arange(4), torch.arange(4)] = 5.0

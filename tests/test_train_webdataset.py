@@ -12,9 +12,8 @@ import json
 import sys
 
 import pytest
-from PIL import Image
-
 from _train_helpers import REPO, metrics, run, tail, train_command, write_config
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from llip_scale import planning
 from llip_scale.model import build_model, model_config
-from llip_scale.zero_init import build_model_zero3
+from llip_scale.scale import planning
+from llip_scale.train.zero_init import build_model_zero3
 
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
              "bf16": {"enabled": True}}

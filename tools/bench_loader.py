@@ -29,9 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from llip_scale.data import DataConfig, Tokenizer, build_train_loader
+from llip_scale.data import DataConfig, Tokenizer, build_train_loader, scenes
 from llip_scale.data import samples as sample_parsing
-from llip_scale.data import scenes
 from llip_scale.data.shards import expand_braces
 from llip_scale.data.tokenizer import train_tokenizer
 from llip_scale.data.transforms import decode_image, normalize, train_crop

@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llip_scale.data import load_retrieval_split, load_zeroshot_split
 from llip_scale.eval.encode import encode_images, encode_texts, score_all
+from llip_scale.eval.evalsets import load_retrieval_split, load_zeroshot_split
 from llip_scale.eval.retrieval import recall_at_k
 from llip_scale.eval.run import _image_batches
 from llip_scale.eval.zeroshot import class_features, topk_accuracy
-from llip_scale.factory import create_model, get_tokenizer
+from llip_scale.interop.factory import create_model, get_tokenizer
 
 METRICS = ("image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@5", "zeroshot_top1",
            "zeroshot_top5", "knn_top1")

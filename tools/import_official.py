@@ -5,7 +5,7 @@
     tools/import_official.py llip_G14_k64.pt out/llip_g14 --dtype bf16
     tools/import_official.py custom.pt out/custom --config my_llip.yaml
 
-Accepts the layout of facebookresearch/Llip (open_clip based; see llip_scale/official.py for
+Accepts the layout of facebookresearch/Llip (open_clip based; see llip_scale/interop/official.py for
 every name): the ``CMP`` model with ``visual.class_embedding [K, width]``, fused
 ``in_proj_weight`` attention, ``k_proj``/``v_proj [K, width, E]``, ``q_proj``/
 ``text_projection [text width, E]`` applied as ``h @ P``, ``K_norm``/``Q_norm``/``V_norm``,
@@ -20,7 +20,7 @@ Writes OUT_DIR/model.safetensors (our parameter names), OUT_DIR/config.yaml (loa
 ``llip_scale.config.load_config``; QuickGELU, CLIP BPE end token, tau) and OUT_DIR/inference.yaml
 (tokenizer: CLIP BPE from the packaged vocabulary, or a copy of ``--bpe-vocab``; preprocessing).
 Load the result with ``llip_scale.create_model_and_transforms(OUT_DIR)`` and
-``llip_scale.get_tokenizer(OUT_DIR)``, or ``llip_scale.official.load_imported(OUT_DIR)``.
+``llip_scale.get_tokenizer(OUT_DIR)``, or ``llip_scale.interop.official.load_imported(OUT_DIR)``.
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from llip_scale import official
 from llip_scale.config import Config, ConfigError, load_config, save_config
-from llip_scale.factory import resolve, write_inference_file
+from llip_scale.interop import official
+from llip_scale.interop.factory import resolve, write_inference_file
 
 DTYPES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -60,7 +60,7 @@ def convert(args: argparse.Namespace) -> tuple[dict, Config]:
 
 
 def write(state: dict, cfg: Config, args: argparse.Namespace) -> Path:
-    from llip_scale.pretrained import save_weights
+    from llip_scale.interop.pretrained import save_weights
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

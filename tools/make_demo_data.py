@@ -26,7 +26,7 @@ Output layout::
 
 Point training at it with ``data.shards=OUT_DIR/train/shard-{000000..NNNNNN}.tar`` (printed at
 the end) and ``data.tokenizer=OUT_DIR/tokenizer.model``; both eval folders are ``OUT_DIR/eval``.
-``llip_scale.data.load_zeroshot_split`` and ``load_retrieval_split`` read the eval folder.
+``llip_scale.eval.evalsets.load_zeroshot_split`` and ``load_retrieval_split`` read the eval folder.
 
 Each caption describes a different object (shape, colour, size, position) or a relation between
 two objects (left of, above, larger than), or lists the whole scene: the caption diversity that

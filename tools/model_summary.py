@@ -15,10 +15,11 @@ import argparse
 import json
 import sys
 
-from llip_scale.config import ConfigError, load_config
+from llip_scale.config import load_config
+from llip_scale.errors import ConfigError
 from llip_scale.model import model_config, model_names
-from llip_scale.model.zoo import size_or_config
 from llip_scale.model.summary import parameter_counts
+from llip_scale.model.zoo import size_or_config
 
 
 def human(n: int) -> str:

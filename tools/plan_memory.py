@@ -26,9 +26,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from llip_scale import planning
-from llip_scale.config import CONFIG_ROOT, ConfigError, load_config
+from llip_scale.config import load_config
+from llip_scale.config_files import CONFIG_ROOT
+from llip_scale.errors import ConfigError
 from llip_scale.model.zoo import recipe_path, size_or_config
+from llip_scale.scale import planning
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,7 +86,7 @@ def summary_line(r: dict, budget: float) -> str:
 
 _MEASURE = """
 import gc, json, sys
-from llip_scale import planning
+from llip_scale.scale import planning
 from llip_scale.config import load_config
 job = json.loads(sys.argv[1])
 for i, path in enumerate(job["configs"]):

@@ -8,7 +8,7 @@ memory is not polluted by earlier runs (and an out-of-memory case only loses its
 - GPU (``--device cuda``): time is the median of ``triton.testing.do_bench``; memory is
   ``torch.cuda.max_memory_allocated`` above the inputs ("peak"), and above inputs and gradients
   ("extra", the backend's own workspace); throughput counts the useful pair FLOPs
-  (``llip_scale.flops.pair_macs``, "plain": logits, mixing and W_o per pair; forward+backward
+  (``llip_scale.scale.flops.pair_macs``, "plain": logits, mixing and W_o per pair; forward+backward
   = 3x forward) and is also given as a fraction of a dense matmul peak measured on the device.
 - CPU (``--device cpu``): the same sweep at CPU sizes; wall-clock median, and the process's peak
   RSS above the inputs (the child runs with MALLOC_MMAP_THRESHOLD_ fixed at 64 KiB: otherwise
@@ -64,7 +64,7 @@ class Case:
 
 def pair_flops(case: Case) -> float:
     """Useful FLOPs of the case (plain per-pair count; forward+backward = 3x forward)."""
-    from llip_scale.flops import pair_macs
+    from llip_scale.scale.flops import pair_macs
     return 2.0 * case.bi * case.bt * pair_macs(case.k, case.e, case.h, "plain") * (3 if case.backward else 1)
 
 

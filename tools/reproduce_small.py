@@ -183,7 +183,7 @@ def paired_differences(results: list[Result], a: str, b: str) -> dict[str, list[
 
 def chance_levels(eval_dir: Path) -> dict[str, float]:
     """What guessing scores on the eval split, for scale."""
-    from llip_scale.data.evalsets import load_retrieval_split, load_zeroshot_split
+    from llip_scale.eval.evalsets import load_retrieval_split, load_zeroshot_split
 
     names = [c.split(" ", 1) for c in load_zeroshot_split(eval_dir).classnames]
     classes = len(names)

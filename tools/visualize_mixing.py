@@ -21,7 +21,7 @@ from PIL import Image
 from llip_scale.data import eval_image
 from llip_scale.eval.cli import load_for_eval
 from llip_scale.eval.mixing import caption_mixing, plot_mixing
-from llip_scale.factory import get_tokenizer
+from llip_scale.interop.factory import get_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:

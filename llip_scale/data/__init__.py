@@ -21,8 +21,6 @@ _EXPORTS = {
     "eval_image": "llip_scale.data.transforms",
     "OPENAI_MEAN": "llip_scale.data.transforms",
     "OPENAI_STD": "llip_scale.data.transforms",
-    "load_zeroshot_split": "llip_scale.data.evalsets",
-    "load_retrieval_split": "llip_scale.data.evalsets",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -4,11 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        from llip_scale.config import ConfigError  # late: llip_scale.config imports this module
-        raise ConfigError(message)
+from llip_scale.errors import check
 
 
 @dataclass
@@ -31,21 +27,21 @@ class DataConfig:
     skip_check_after: int = 1000  # samples a worker sees before the skip rate is enforced
 
     def validate(self, name: str) -> None:
-        _check(self.workers >= 0, f"{name}.workers must be >= 0, got {self.workers}")
-        _check(self.context_length is None or self.context_length >= 2,
+        check(self.workers >= 0, f"{name}.workers must be >= 0, got {self.workers}")
+        check(self.context_length is None or self.context_length >= 2,
                f"{name}.context_length must be >= 2 (or null for the text tower's), "
                f"got {self.context_length}")
-        _check(self.shuffle_buffer >= 1, f"{name}.shuffle_buffer must be >= 1 (1 disables shuffling)")
-        _check(self.prefetch >= 1, f"{name}.prefetch must be >= 1, got {self.prefetch}")
+        check(self.shuffle_buffer >= 1, f"{name}.shuffle_buffer must be >= 1 (1 disables shuffling)")
+        check(self.prefetch >= 1, f"{name}.prefetch must be >= 1, got {self.prefetch}")
         scale = tuple(self.crop_scale)
-        _check(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+        check(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
                f"{name}.crop_scale must be [min, max] with 0 < min <= max <= 1, got {list(self.crop_scale)}")
-        _check(0 <= self.max_skip_rate < 1,
+        check(0 <= self.max_skip_rate < 1,
                f"{name}.max_skip_rate must be in [0, 1), got {self.max_skip_rate}")
-        _check(self.skip_check_after >= 1, f"{name}.skip_check_after must be >= 1")
-        _check(all(w >= 0 for w in self.weights) and (not self.weights or sum(self.weights) > 0),
+        check(self.skip_check_after >= 1, f"{name}.skip_check_after must be >= 1")
+        check(all(w >= 0 for w in self.weights) and (not self.weights or sum(self.weights) > 0),
                f"{name}.weights must be >= 0 with a positive sum, got {self.weights}")
         n_sources = len([s for s in self.shards.split("::") if s.strip()])
-        _check(not self.weights or len(self.weights) == n_sources,
+        check(not self.weights or len(self.weights) == n_sources,
                f"{name}.weights has {len(self.weights)} entries but {name}.shards names "
                f"{n_sources} source(s); give one weight per source or none")

@@ -28,7 +28,8 @@ from llip_scale.data.config import DataConfig
 from llip_scale.data.shards import parse_sources, sources_fingerprint
 from llip_scale.data.stream import DataError, Stream, StreamSpec, merge_skipped, stream_seeds
 from llip_scale.data.tokenizer import Tokenizer
-from llip_scale.distributed import ignore_stop_signals
+from llip_scale.errors import ConfigError
+from llip_scale.train.distributed import ignore_stop_signals
 
 log = logging.getLogger("llip_scale.data")
 STATE_VERSION = 1
@@ -93,8 +94,6 @@ class TrainLoader:
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, rank: int, world_size: int,
                  image_size: int, tokenizer: Tokenizer, seed: int):
-        from llip_scale.config import ConfigError
-
         if not 0 <= rank < world_size:
             raise ConfigError(f"data loader: rank {rank} is outside world_size {world_size}")
         if batch_size < 1 or image_size < 1:
@@ -131,7 +130,6 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after the batch whose ``.state`` this is; call before iterating."""
-        from llip_scale.config import ConfigError
 
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ConfigError("data state is not a state of this loader version; start the "

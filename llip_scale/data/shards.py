@@ -23,6 +23,7 @@ from typing import IO, Iterator, Sequence
 import numpy as np
 
 from llip_scale.data.config import DataConfig
+from llip_scale.errors import ConfigError
 
 PIPE = "pipe:"
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -100,13 +101,11 @@ def parse_sources(shards: str, weights: Sequence[float] = ()) -> list[Source]:
     """Split the spec on '::', expand each source; weights default to the shard counts."""
     specs = [s.strip() for s in shards.split("::") if s.strip()]
     if weights and len(weights) != len(specs):
-        from llip_scale.config import ConfigError
         raise ConfigError(f"data.weights has {len(weights)} entries for {len(specs)} source(s) "
                           f"in data.shards; give one weight per source or none")
     try:
         expanded = [_expand_source(s) for s in specs]
     except ValueError as e:
-        from llip_scale.config import ConfigError
         raise ConfigError(f"data.shards: {e}") from None
     ws = list(weights) if weights else [float(len(u)) for u in expanded]
     return [Source(s, u, float(w)) for s, u, w in zip(specs, expanded, ws)]
@@ -114,7 +113,6 @@ def parse_sources(shards: str, weights: Sequence[float] = ()) -> list[Source]:
 
 def check_sources(cfg: DataConfig) -> list[Source]:
     """Raise ``ConfigError`` naming the first missing or empty source; return the sources."""
-    from llip_scale.config import ConfigError
 
     if not cfg.shards.strip():
         raise ConfigError("data.shards is empty; set it to a shard spec such as "
@@ -134,7 +132,6 @@ def check_sources(cfg: DataConfig) -> list[Source]:
 
 
 def _check_local(src: Source, name: str) -> None:
-    from llip_scale.config import ConfigError
 
     sizes = [_file_size(u) for u in src.urls]
     missing = [u for u, size in zip(src.urls, sizes) if size is None]
@@ -156,7 +153,6 @@ def _file_size(path: str) -> int | None:
 
 
 def _check_pipe(src: Source, name: str) -> None:
-    from llip_scale.config import ConfigError
 
     for url in src.urls[:1]:  # the same program serves every shard of a source
         words = shlex.split(url[len(PIPE):])

@@ -14,7 +14,6 @@ batches do not depend on how many ranks share them.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -23,18 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llip_scale.data.config import DataConfig
+from llip_scale.data.loader import Batch
+from llip_scale.errors import ConfigError
 
 CLASSES = 32
 SPLITS = {"train": 0, "heldout": 1}
 FIRST_WORD = 3  # ids below are special (pad 0, bos 1, eot 2 in the packaged tokenizers)
-
-
-@dataclass
-class Batch:
-    images: Tensor  # [B, 3, S, S] float32
-    tokens: Tensor  # [B, L] int64
-    state: dict  # resuming from it yields the batches after this one
-    skipped: dict = field(default_factory=dict)  # reason -> samples dropped on this rank so far
 
 
 class SyntheticTokenizer:
@@ -75,7 +68,6 @@ class SyntheticLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after the batch whose ``.state`` this is; call before iterating."""
-        from llip_scale.config import ConfigError
 
         global_batch = self.batch_size * self.world_size
         if not isinstance(state, dict) or state.get("global_batch") != global_batch:

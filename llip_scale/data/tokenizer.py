@@ -15,16 +15,12 @@ from typing import TYPE_CHECKING, Iterable
 
 import sentencepiece as spm
 
+from llip_scale.errors import ConfigError
+
 if TYPE_CHECKING:
     import torch
 
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
-
-
-def _config_error(message: str) -> Exception:
-    from llip_scale.config import ConfigError  # only on errors: it loads the model package
-
-    return ConfigError(message)
 
 
 class Tokenizer:
@@ -32,11 +28,11 @@ class Tokenizer:
 
     def __init__(self, path: str, context_length: int = 77):
         if context_length < 2:
-            raise _config_error(f"tokenizer context_length must be >= 2, got {context_length}")
+            raise ConfigError(f"tokenizer context_length must be >= 2, got {context_length}")
         try:
             proto = Path(path).read_bytes()
         except OSError as e:
-            raise _config_error(f"tokenizer file '{path}' cannot be read ({e.strerror}); set "
+            raise ConfigError(f"tokenizer file '{path}' cannot be read ({e.strerror}); set "
                               f"data.tokenizer or train one with tools/train_tokenizer.py") from None
         self.path = str(path)
         self.context_length = context_length
@@ -47,10 +43,10 @@ class Tokenizer:
         try:
             sp.LoadFromSerializedProto(proto)
         except RuntimeError:
-            raise _config_error(f"tokenizer file '{self.path}' is not a sentencepiece model; "
+            raise ConfigError(f"tokenizer file '{self.path}' is not a sentencepiece model; "
                               f"train one with tools/train_tokenizer.py") from None
         if sp.eos_id() < 0 or sp.pad_id() < 0:
-            raise _config_error(f"tokenizer '{self.path}' has no eos or pad id; retrain it with "
+            raise ConfigError(f"tokenizer '{self.path}' has no eos or pad id; retrain it with "
                               f"tools/train_tokenizer.py (pad_id=0, eos_id=2)")
         self._sp, self._proto = sp, proto
 
@@ -83,7 +79,7 @@ class Tokenizer:
 
     def __call__(self, texts: list[str]) -> "torch.Tensor":
         """``LongTensor [N, context_length]``: ids cut to fit, then EOT, then padding."""
-        import torch  # here, so the shard and tokenizer tools start without loading torch
+        import torch  # lazy: the shard and tokenizer tools start without loading torch
 
         if isinstance(texts, str):
             texts = [texts]

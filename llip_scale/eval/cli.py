@@ -25,23 +25,17 @@ from typing import Optional
 import torch
 import yaml
 
-
-def find_checkpoint(path: Path) -> Optional[Path]:
-    """A checkpoint folder for ``path``: itself, or a run folder's newest complete checkpoint."""
-    from llip_scale.checkpoint import list_checkpoints, problem
-
-    if (path / "complete.json").is_file() or path.name.startswith("step_"):
-        return path
-    for found in list_checkpoints(path):
-        if problem(found.path, contents=False) is None:  # export checks the contents
-            return found.path
-    return None
+from llip_scale.eval import suite
+from llip_scale.eval.datasets import parse_spec
+from llip_scale.eval.run import evaluate
+from llip_scale.eval.suite import load_benchmarks
+from llip_scale.interop.factory import get_tokenizer
+from llip_scale.interop.pretrained import load_pretrained
+from llip_scale.train.checkpoint import ResumeError, export, find_checkpoint
 
 
 def load_for_eval(path: Path, device: torch.device, backend: str) -> tuple[torch.nn.Module, dict]:
     """The model at ``path`` and the config saved with it (only ``model`` for an export)."""
-    from llip_scale.checkpoint import export
-    from llip_scale.pretrained import load_pretrained
 
     if (path / "model.safetensors").is_file() or path.suffix == ".safetensors":
         folder = path if path.is_dir() else path.parent
@@ -59,7 +53,6 @@ def load_for_eval(path: Path, device: torch.device, backend: str) -> tuple[torch
 def resolve_tokenizer(args: argparse.Namespace, model) -> object:
     """``--tokenizer`` / ``--bpe-vocab`` when given, else the model's own: the export's, the run's
     ``data.tokenizer``, or CLIP BPE for a CLIP-vocabulary model (see ``llip_scale.get_tokenizer``)."""
-    from llip_scale.factory import get_tokenizer
 
     chosen = args.tokenizer or args.bpe_vocab
     if chosen and not Path(chosen).is_file():
@@ -93,7 +86,6 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def run_benchmarks(args: argparse.Namespace, benches: list, model, tokenizer, device: torch.device,
                    extra: dict) -> str:
     """The suite over ``benches``; the report is written after every set. Returns the table."""
-    from llip_scale.eval import suite
 
     batch = args.batch_size or suite.auto_batch_size(model.cfg, device, args.workers)
     report = {"model": suite.describe_model(model, str(args.path)), "protocol": suite.protocol(model, device),
@@ -110,10 +102,6 @@ def run_benchmarks(args: argparse.Namespace, benches: list, model, tokenizer, de
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    from llip_scale.checkpoint import ResumeError
-    from llip_scale.eval.datasets import parse_spec
-    from llip_scale.eval.run import evaluate
-    from llip_scale.eval.suite import load_benchmarks
 
     try:
         benches = load_benchmarks([parse_spec(s) for s in args.dataset])  # fail before loading the model

@@ -35,8 +35,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from llip_scale.config import ConfigError
 from llip_scale.data.transforms import BadImage, eval_image
+from llip_scale.errors import ConfigError
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".webp", ".bmp"}
 WDS_IMAGE_KEYS = ("webp", "png", "jpg", "jpeg")

@@ -10,9 +10,15 @@ import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
+
+from llip_scale.data import eval_image
+from llip_scale.eval.evalsets import load_retrieval_split
 
 
 @torch.no_grad()
@@ -31,10 +37,7 @@ def retrieval_figures(model, tokenize, folder: str | Path, image_size: int, devi
     """Mixing figures of the first ``count`` images of a retrieval split, each with its own
     captions. Every caller runs the model (ZeRO-3 gathers parameters collectively); only those
     with ``render`` build figures."""
-    from PIL import Image
 
-    from llip_scale.data import eval_image
-    from llip_scale.data.evalsets import load_retrieval_split
 
     split = load_retrieval_split(folder)
     figures = []
@@ -59,10 +62,8 @@ def mixing_weights(keys: Tensor, queries: Tensor, num_heads: int, tau: float) ->
 def plot_mixing(weights: Tensor, captions: Sequence[str], scores: Sequence[float],
                 image: Optional[np.ndarray] = None, title: str = ""):
     """A matplotlib Figure: the image and, per caption, its [H x K] mixing weights."""
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     n, h, k = weights.shape
     cols = 2 if image is not None else 1

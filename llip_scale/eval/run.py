@@ -1,6 +1,6 @@
 """Evaluation on folders: zero-shot classification and retrieval for one model.
 
-eval folder (``llip_scale.data.evalsets`` layout) -> images loaded and center-cropped in a
+eval folder (``llip_scale.eval.evalsets`` layout) -> images loaded and center-cropped in a
 DataLoader -> encoded once -> zero-shot (Llip class protocol) and retrieval scores through the
 model's pair head -> a flat dict of metrics ("zeroshot/top1", "retrieval/image_to_text_R@1", ...).
 The same code evaluates Llip and the SigLIP / CLIP baselines.
@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from llip_scale.data.evalsets import EvalImages, ZeroShotSplit, load_retrieval_split, load_zeroshot_split
 from llip_scale.eval.encode import encode_images, encode_texts, score_all
+from llip_scale.eval.evalsets import EvalImages, ZeroShotSplit, load_retrieval_split, load_zeroshot_split
 from llip_scale.eval.retrieval import recall_at_k
 from llip_scale.eval.zeroshot import class_features, zeroshot_eval
 

@@ -24,17 +24,18 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from llip_scale.eval.datasets import (Benchmark, BenchmarkImages, Classification, DatasetError, Retrieval,
-                                      load_benchmark)
+from llip_scale.eval.datasets import Benchmark, BenchmarkImages, Classification, DatasetError, Retrieval, load_benchmark
 from llip_scale.eval.encode import Features, encode_texts
 from llip_scale.eval.retrieval import recall_at_k
 from llip_scale.eval.zeroshot import class_features, topk_accuracy
+from llip_scale.pairs import resolve_backend
+from llip_scale.scale.planning import block_activation_elements
 
 Tokenize = Callable[[list[str]], Tensor]
 RECALL_KS = (1, 5, 10)
 
 
-class Progress:
+class EvalProgress:
     """``label: done/total images, N images/s`` on one line (rewritten in place on a terminal)."""
 
     def __init__(self, label: str, total: int, stream: Optional[TextIO] = None, every: Optional[float] = None):
@@ -83,7 +84,7 @@ def stream_scores(model, bench: Benchmark, text_features: Features, image_size: 
     wall, vision tower, scoring (the per-text mixing) and images/s."""
     loader = DataLoader(BenchmarkImages(bench.source, image_size), batch_size=batch_size, num_workers=workers)
     text = tuple(f.to(device) for f in text_features)
-    progress = Progress(bench.name, len(bench.source), stream)
+    progress = EvalProgress(bench.name, len(bench.source), stream)
     rows, vision, mixing = [], 0.0, 0.0
     start = _clock(device)
     try:
@@ -192,7 +193,6 @@ def describe_model(model, source: str) -> dict:
 
 def protocol(model, device: torch.device) -> dict:
     """What the numbers mean: the zero-shot and retrieval protocols, the scoring and the images."""
-    from llip_scale.pairs import resolve_backend
 
     llip = model.cfg.head.kind == "llip"
     return {
@@ -264,7 +264,6 @@ def image_batch_bytes(cfg, workers: int) -> float:
     """Bytes per image of one evaluation batch: the vision tower's largest block working set in
     fp32 (attention scores included, in case attention is not fused), the decoded inputs held by
     the workers' prefetch, and the image's keys/values."""
-    from llip_scale.planning import block_activation_elements
 
     v = cfg.vision
     tokens = v.grid ** 2 + v.num_tokens

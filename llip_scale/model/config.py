@@ -5,6 +5,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from llip_scale.errors import check
+
 HeadKind = Literal["llip", "siglip", "clip", "registers", "meanpool"]
 # MLP activation; "quick_gelu" (x * sigmoid(1.702 x)) is what the official Llip/OpenAI CLIP
 # checkpoints were trained with, so imported weights need it to reproduce their features.
@@ -18,10 +20,6 @@ BlockInit = Literal["clip", "torch"]
 PoolProjection = Literal["shared", "per_token"]
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        from llip_scale.config import ConfigError  # late: config imports this module
-        raise ConfigError(message)
 
 
 @dataclass
@@ -40,14 +38,14 @@ class VisionConfig:
     all_tokens: bool = False
 
     def validate(self, name: str) -> None:
-        _check(self.num_tokens >= 1, f"{name}.num_tokens (K) must be >= 1, got {self.num_tokens}")
-        _check(self.block_init in ("clip", "torch"), f"{name}.block_init must be 'clip' or 'torch', "
+        check(self.num_tokens >= 1, f"{name}.num_tokens (K) must be >= 1, got {self.num_tokens}")
+        check(self.block_init in ("clip", "torch"), f"{name}.block_init must be 'clip' or 'torch', "
                f"got '{self.block_init}'")
-        _check(self.image_size % self.patch_size == 0,
+        check(self.image_size % self.patch_size == 0,
                f"{name}.image_size={self.image_size} is not divisible by {name}.patch_size={self.patch_size}")
-        _check(self.width % self.heads == 0,
+        check(self.width % self.heads == 0,
                f"{name}.width={self.width} is not divisible by {name}.heads={self.heads}")
-        _check(min(self.width, self.depth, self.heads, self.mlp_dim) >= 1,
+        check(min(self.width, self.depth, self.heads, self.mlp_dim) >= 1,
                f"{name}: width, depth, heads and mlp_dim must be >= 1")
 
     @property
@@ -73,10 +71,10 @@ class TextConfig:
     activation: Activation = "gelu"
 
     def validate(self, name: str) -> None:
-        _check(self.width % self.heads == 0,
+        check(self.width % self.heads == 0,
                f"{name}.width={self.width} is not divisible by {name}.heads={self.heads}")
-        _check(0 <= self.eot_id < self.vocab_size, f"{name}.eot_id must be in [0, vocab_size)")
-        _check(self.context_length >= 2, f"{name}.context_length must be >= 2")
+        check(0 <= self.eot_id < self.vocab_size, f"{name}.eot_id must be in [0, vocab_size)")
+        check(self.context_length >= 2, f"{name}.context_length must be >= 2")
 
 
 @dataclass
@@ -92,12 +90,12 @@ class HeadConfig:
     pool_proj: PoolProjection = "shared"  # the pooled baselines' image projection
 
     def validate(self, name: str) -> None:
-        _check(self.pool_proj in ("shared", "per_token"),
+        check(self.pool_proj in ("shared", "per_token"),
                f"{name}.pool_proj must be 'shared' or 'per_token', got '{self.pool_proj}'")
-        _check(self.embed_dim >= 1, f"{name}.embed_dim must be >= 1")
-        _check(self.num_heads >= 1 and self.embed_dim % self.num_heads == 0,
+        check(self.embed_dim >= 1, f"{name}.embed_dim must be >= 1")
+        check(self.num_heads >= 1 and self.embed_dim % self.num_heads == 0,
                f"{name}.embed_dim={self.embed_dim} is not divisible by {name}.num_heads={self.num_heads}")
-        _check(self.tau > 0, f"{name}.tau must be > 0, got {self.tau}")
+        check(self.tau > 0, f"{name}.tau must be > 0, got {self.tau}")
 
     def logit_scale_init(self) -> float:
         if self.init_logit_scale is not None:

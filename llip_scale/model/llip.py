@@ -20,7 +20,6 @@ Distributed training passes ``gather`` (an all-gather with gradient) and the pos
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
@@ -216,11 +215,6 @@ class ContrastiveModel(nn.Module):
             return self.head(img[0], img[1], queries, targets, offset=offset)
         all_images = gather(img[0]) if self.head.kind == "clip" else None
         return self.head(img[0], txt[0], all_images, gather(txt[0]), offset=offset)
-
-    @torch.no_grad()
-    def clamp_logit_scale(self) -> None:
-        """Keep logit_scale in [0, ln 100] (called after each optimizer step)."""
-        self.head.logit_scale.clamp_(0, self.cfg.head.max_logit_scale)
 
 
 def build_model(cfg: ModelConfig, backend: str = "auto", chunk_size: Optional[int] = None) -> ContrastiveModel:

@@ -1,8 +1,6 @@
 """Pre-LayerNorm transformer blocks shared by the vision and text towers."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

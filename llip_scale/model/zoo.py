@@ -3,17 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from llip_scale.config_files import CONFIG_ROOT, apply_overrides, load_yaml, resolve_config_path
+from llip_scale.errors import ConfigError, from_dict, validate_tree
 from llip_scale.model.config import ModelConfig
 
-
-
-def _models_dir() -> Path:
-    import llip_scale.configs as packaged
-
-    return Path(packaged.__file__).resolve().parent / "models"
-
-
-MODELS_DIR = _models_dir()
+MODELS_DIR = CONFIG_ROOT / "models"
 
 
 def model_names() -> list[str]:
@@ -22,15 +16,13 @@ def model_names() -> list[str]:
 
 def model_config(name: str, **head_overrides) -> ModelConfig:
     """The ModelConfig of a named size (``tiny``, ``b32``, ``b16``, ``l14``, ``h14``, ``g14``)."""
-    from llip_scale.config import ConfigError, apply_overrides, from_dict, load_yaml, _validate_tree
-
     path = MODELS_DIR / f"{name.lower().replace('/', '')}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown model size '{name}'; choose one of {', '.join(model_names())}")
     data = load_yaml(path).get("model", {})
     data = apply_overrides(data, [f"head.{k}={v}" for k, v in head_overrides.items()])
     cfg = from_dict(ModelConfig, data, "model")
-    _validate_tree(cfg, "model")
+    validate_tree(cfg, "model")
     return cfg
 
 
@@ -38,8 +30,6 @@ def size_or_config(arg: str) -> tuple[str | None, Path | None]:
     """What a tool's MODEL argument names: a size (``b16``, ``ViT-B/16`` style ``B/16`` too) gives
     ``(name, None)``; a config file, by path or by name under the packaged ``configs/``
     (``official/llip_l14_k32``), gives ``(None, path)``. Anything else is a one-line ConfigError."""
-    from llip_scale.config import ConfigError, resolve_config_path
-
     key = arg.lower().replace("/", "")
     if (MODELS_DIR / f"{key}.yaml").is_file():
         return key, None

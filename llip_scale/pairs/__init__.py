@@ -14,6 +14,7 @@ row i is text column ``offset + i``. The loss is the sum over all Bi x Bt pairs 
 """
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Optional
 
 import torch
@@ -28,40 +29,46 @@ from llip_scale.pairs.reference import reference_loss, reference_scores
 __all__ = ["pair_loss", "pair_scores", "register_backend", "resolve_backend", "available_backends",
            "sigmoid_loss", "clip_loss", "LossConfig"]
 
-_LOSS: dict[str, Callable[..., Tensor]] = {"reference": reference_loss, "chunked": chunked_loss}
-_SCORES: dict[str, Callable[..., Tensor]] = {"reference": reference_scores, "chunked": chunked_scores}
+# The backend table: name -> (loss function, scores function).
+_BACKENDS: dict[str, tuple[Callable[..., Tensor], Callable[..., Tensor]]] = {
+    "reference": (reference_loss, reference_scores),
+    "chunked": (chunked_loss, chunked_scores),
+}
+# Backends imported on first use, name -> module with ``<name>_loss`` and ``<name>_scores``:
+# triton is an optional dependency and slow to import, and the CPU paths never need it.
+_ON_DEMAND = {"triton": "llip_scale.kernels.pairs"}
 
 
 def register_backend(name: str, loss_fn: Callable[..., Tensor], scores_fn: Callable[..., Tensor]) -> None:
     """Add a backend; both functions take the arguments of the reference ones (+ chunk_size)."""
-    _LOSS[name] = loss_fn
-    _SCORES[name] = scores_fn
+    _BACKENDS[name] = (loss_fn, scores_fn)
 
 
-def _load_triton() -> None:
-    if "triton" not in _LOSS:
-        import llip_scale.kernels.pairs  # noqa: F401  (registers itself)
+def _load(name: str) -> None:
+    """Import an on-demand backend into the table (ImportError when its dependency is missing)."""
+    if name in _ON_DEMAND and name not in _BACKENDS:
+        module = importlib.import_module(_ON_DEMAND[name])
+        _BACKENDS[name] = (getattr(module, f"{name}_loss"), getattr(module, f"{name}_scores"))
 
 
 def available_backends() -> list[str]:
-    try:
-        _load_triton()
-    except ImportError:
-        pass
-    return sorted(_LOSS)
+    for name in _ON_DEMAND:
+        try:
+            _load(name)
+        except ImportError:
+            pass
+    return sorted(_BACKENDS)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``auto`` is triton on CUDA, chunked elsewhere."""
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "chunked"
-    if backend == "triton":
-        try:
-            _load_triton()
-        except ImportError as e:
-            raise RuntimeError(f"pair backend 'triton' is unavailable ({e}); "
-                               "set loss.backend=chunked") from None
-    if backend not in _LOSS:
+    try:
+        _load(backend)
+    except ImportError as e:
+        raise RuntimeError(f"pair backend '{backend}' is unavailable ({e}); set loss.backend=chunked") from None
+    if backend not in _BACKENDS:
         raise ValueError(f"unknown pair backend '{backend}'; choose one of {', '.join(available_backends())}")
     return backend
 
@@ -88,7 +95,7 @@ def pair_scores(keys: Tensor, values: Tensor, w_o: Tensor, queries: Tensor, targ
     _check_shapes(keys, values, w_o, queries, targets, num_heads)
     name = resolve_backend(backend, keys.device)
     extra = {} if name == "reference" else {"chunk_size": chunk_size}
-    return _SCORES[name](keys, values, w_o, queries, F.normalize(targets, dim=-1), logit_scale,
+    return _BACKENDS[name][1](keys, values, w_o, queries, F.normalize(targets, dim=-1), logit_scale,
                          logit_bias, num_heads=num_heads, tau=tau, **extra)
 
 
@@ -104,6 +111,6 @@ def pair_loss(keys: Tensor, values: Tensor, w_o: Tensor, queries: Tensor, target
                          "offset must be rank * B_local with all ranks' texts gathered")
     name = resolve_backend(backend, keys.device)
     extra = {} if name == "reference" else {"chunk_size": chunk_size}
-    return _LOSS[name](keys, values, w_o, queries, F.normalize(targets, dim=-1), logit_scale, logit_bias,
+    return _BACKENDS[name][0](keys, values, w_o, queries, F.normalize(targets, dim=-1), logit_scale, logit_bias,
                        num_heads=num_heads, tau=tau, offset=offset,
                        normalizer=float(normalizer if normalizer is not None else bi), **extra)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from llip_scale.errors import check
+
 Backend = Literal["auto", "reference", "chunked", "triton"]
 
 
@@ -13,6 +15,5 @@ class LossConfig:
     chunk_size: Optional[int] = None  # texts per block for `chunked`; None sizes it from memory
 
     def validate(self, name: str) -> None:
-        if self.chunk_size is not None and self.chunk_size < 1:
-            from llip_scale.config import ConfigError
-            raise ConfigError(f"{name}.chunk_size must be >= 1 or null, got {self.chunk_size}")
+        check(self.chunk_size is None or self.chunk_size >= 1,
+              f"{name}.chunk_size must be >= 1 or null, got {self.chunk_size}")

@@ -24,6 +24,8 @@ from typing import Protocol, Sequence, Union
 
 import torch
 
+from llip_scale.data.tokenizer import Tokenizer as SentencePieceTokenizer
+
 Texts = Union[str, Sequence[str]]
 
 
@@ -79,7 +81,7 @@ def _split_pattern() -> "re.Pattern[str]":
     """Contractions, runs of letters, single digits, runs of other non-space characters."""
     specials = r"<start_of_text>|<end_of_text>"
     contractions = r"'s|'t|'re|'ve|'m|'ll|'d"
-    try:  # the Unicode classes CLIP uses, when the `regex` package is there
+    try:  # optional: the Unicode classes CLIP uses, when the `regex` package is there
         import regex
 
         return regex.compile(rf"{specials}|{contractions}|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+", regex.IGNORECASE)
@@ -89,7 +91,7 @@ def _split_pattern() -> "re.Pattern[str]":
 
 def clean_text(text: str) -> str:
     """Repair mojibake (ftfy, when installed), unescape HTML twice, collapse whitespace."""
-    try:
+    try:  # optional
         import ftfy
 
         text = ftfy.fix_text(text)
@@ -184,7 +186,6 @@ def build_tokenizer(context_length: int = 77, bpe_vocab: Union[str, Path, None] 
     if bpe_vocab and spm_model:
         raise ValueError("pass bpe_vocab or spm_model, not both")
     if spm_model:
-        from llip_scale.data.tokenizer import Tokenizer as SentencePieceTokenizer
 
         return SentencePieceTokenizer(str(spm_model), context_length)
     return ClipBpeTokenizer(bpe_vocab, context_length)

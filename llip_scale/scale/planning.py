@@ -30,13 +30,17 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import resource
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from llip_scale.config import Config, ConfigError
+from llip_scale.model import build_model
 from llip_scale.model.config import ModelConfig
+from llip_scale.pairs.chunked import WORKSPACE_BLOCKS, choose_mode, default_chunk, gram_blocks
 
 GiB = float(1 << 30)
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32
@@ -67,7 +71,6 @@ class ParamStats:
 
 def param_stats(cfg: ModelConfig) -> ParamStats:
     """Parameter counts of the model, built on the meta device (no memory is allocated)."""
-    from llip_scale.model import build_model
 
     with torch.device("meta"):
         model = build_model(cfg)
@@ -119,7 +122,7 @@ def _offloaded(section: Optional[dict]) -> bool:
 
 def _validate_zero_keys(stage: int, zero: dict) -> None:
     """DeepSpeed forbids unknown zero_optimization keys: fail here, with the same rule."""
-    try:
+    try:  # lazy: the planner runs without DeepSpeed (and starts faster)
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     except ImportError:  # planning still works without DeepSpeed; the keys are just not checked
         return
@@ -194,11 +197,10 @@ def pair_head_bytes(cfg: ModelConfig, bi: int, bt: int, backend: str, act_bytes:
         saved = float(bi) * bt * (nh * k + 3 * e) * act_bytes
         return saved, saved + float(bi) * bt * nh * k * act_bytes
     if backend == "triton":  # fused: nothing per pair x K or E; the kernel plans its own chunks
-        from llip_scale.kernels.pairs import workspace_bytes
+        from llip_scale.kernels.pairs import workspace_bytes  # lazy: triton is optional off CUDA
         saved = 2.0 * bi * bt * 4  # fp32 cos and ||z|| per pair, kept from the forward
         dtype = torch.float32 if act_bytes == 4 else torch.bfloat16
         return saved, workspace_bytes(bi, bt, k, e, nh, dtype) - saved
-    from llip_scale.pairs.chunked import WORKSPACE_BLOCKS, choose_mode, default_chunk, gram_blocks
 
     upcast = 2 if act_bytes < 4 else 0  # bf16 keys/values get fp32 copies
     if choose_mode(k, nh, e) == "gram":
@@ -454,8 +456,6 @@ def _peak() -> float:
 
 
 def _maxrss_bytes() -> float:
-    import resource
-    import sys
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return float(rss) if sys.platform == "darwin" else float(rss) * 1024  # Linux reports KiB
@@ -471,7 +471,6 @@ def measure_step_memory(cfg: Config, micro_batch: int, steps: int = 2, backend: 
     threshold pinned (``tools/plan_memory.py --measure`` does both), so freed tensors leave the
     resident set and the peak is that of live memory.
     """
-    from llip_scale.model import build_model
 
     torch.manual_seed(cfg.seed)
     backend = backend or cfg.loss.backend
@@ -495,7 +494,6 @@ def _miniature(m: ModelConfig) -> ModelConfig:
 
 def _train_steps(m: ModelConfig, cfg: Config, batch: int, steps: int, backend: str) -> list[float]:
     """``steps`` real training steps of model ``m`` on random data; the losses."""
-    from llip_scale.model import build_model
 
     model = build_model(m, backend, cfg.loss.chunk_size)
     model.visual.transformer.grad_checkpointing = cfg.distributed.activation_checkpointing

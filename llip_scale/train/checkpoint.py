@@ -42,10 +42,11 @@ import torch
 import yaml
 
 from llip_scale.config import Config, to_dict
-from llip_scale.distributed import DistEnv, all_gather_objects, barrier, broadcast_object
-from llip_scale.engine import Engine, consolidated_state_dict, load_engine, save_engine
+from llip_scale.interop.pretrained import save_weights
+from llip_scale.train.distributed import DistEnv, all_gather_objects, barrier, broadcast_object
+from llip_scale.train.engine import Engine, consolidated_state_dict, load_engine, save_engine
 
-log = logging.getLogger("llip_scale.checkpoint")
+log = logging.getLogger("llip_scale.train.checkpoint")
 
 MARKER = "complete.json"
 PREFIX = "step_"
@@ -68,20 +69,31 @@ def rank_state_name(rank: int) -> str:
 
 
 @dataclass(frozen=True)
-class Found:
+class CheckpointDir:
     step: int
     path: Path
 
 
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Found]:
+def list_checkpoints(run_dir: str | os.PathLike) -> list[CheckpointDir]:
     """Every ``step_*`` folder, newest first (complete or not)."""
     root = checkpoint_root(run_dir)
     found = []
     for p in root.glob(f"{PREFIX}*") if root.is_dir() else []:
         suffix = p.name[len(PREFIX):]
         if p.is_dir() and suffix.isdigit():
-            found.append(Found(int(suffix), p))
+            found.append(CheckpointDir(int(suffix), p))
     return sorted(found, key=lambda f: f.step, reverse=True)
+
+
+def find_checkpoint(path: str | os.PathLike) -> Optional[Path]:
+    """A checkpoint folder for ``path``: itself, or a run folder's newest complete checkpoint."""
+    path = Path(path)
+    if (path / "complete.json").is_file() or path.name.startswith("step_"):
+        return path
+    for found in list_checkpoints(path):
+        if first_problem(found.path, contents=False) is None:  # export checks the contents
+            return found.path
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +270,6 @@ def _marker_crc(marker: dict) -> str:
     content = {k: v for k, v in marker.items() if k != "marker_crc32"}
     return f"{zlib.crc32(json.dumps(content, sort_keys=True).encode()):08x}"
 
-
 def read_marker(path: Path) -> dict:
     """The completion marker of ``path``; ValueError saying why it cannot be used."""
     marker = path / MARKER
@@ -301,7 +312,7 @@ def problems(path: Path, world_size: Optional[int] = None, contents: bool = True
     return out
 
 
-def problem(path: Path, world_size: Optional[int] = None, contents: bool = True) -> Optional[str]:
+def first_problem(path: Path, world_size: Optional[int] = None, contents: bool = True) -> Optional[str]:
     """The first of :func:`problems`, or None when the checkpoint is sound."""
     found = problems(path, world_size, contents)
     return found[0] if found else None
@@ -311,7 +322,7 @@ def _inspect(path: Path, world_size: int) -> tuple[Optional[str], bool]:
     """(reason it is unusable or None, whether that reason must stop the run), on rank 0; the
     structure only: the contents are checked by all ranks together (:func:`_verify_contents`)."""
     try:
-        return problem(path, world_size, contents=False), False
+        return first_problem(path, world_size, contents=False), False
     except ResumeError as e:
         return str(e), True
 
@@ -341,7 +352,7 @@ def _on_all_ranks(action: Callable[[], Any], env: DistEnv, what: str) -> tuple[A
     return (None, f"{what} failed on " + "; ".join(reasons)) if reasons else (result, None)
 
 
-def _load(engine: Engine, found: Found, env: DistEnv) -> tuple[Optional[dict], Optional[str], bool]:
+def _load(engine: Engine, found: CheckpointDir, env: DistEnv) -> tuple[Optional[dict], Optional[str], bool]:
     """(rank state, None, _) on success; (None, reason, whether the engine was touched)."""
     state, why = _on_all_ranks(lambda: torch.load(found.path / rank_state_name(env.rank), map_location="cpu",
                                                    weights_only=False), env, "reading the train state")
@@ -422,12 +433,11 @@ def _sound(folder: Path) -> str:
 
 def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Consolidate a checkpoint (any ZeRO stage) into ``out_dir/model.safetensors`` + ``config.yaml``."""
-    from llip_scale.pretrained import save_weights
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint folder {checkpoint} does not exist")
-    why = problem(checkpoint)
+    why = first_problem(checkpoint)
     if why is not None:
         raise ResumeError(f"{checkpoint} cannot be exported: {why}")
     model_cfg = yaml.safe_load((checkpoint / "config.yaml").read_text())["model"]

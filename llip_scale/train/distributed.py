@@ -60,7 +60,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def resolve_backend(requested: str, device: torch.device) -> str:
+def process_group_backend(requested: str, device: torch.device) -> str:
     """``auto``: nccl on CUDA, gloo elsewhere."""
     if requested == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
@@ -86,7 +86,7 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0) -> Di
         # DeepSpeed reads these instead of asking the process group.
         for key, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local)):
             os.environ[key] = str(value)
-        dist.init_process_group(resolve_backend(backend, device), rank=rank, world_size=world,
+        dist.init_process_group(process_group_backend(backend, device), rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
     return DistEnv(dist.get_rank(), dist.get_world_size(), local, device)
 

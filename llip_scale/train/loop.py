@@ -26,8 +26,31 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+import torch
+import yaml
+
 from llip_scale.config import Config, ConfigError, load_config, local_batch_size, save_config, to_dict
-from llip_scale.distributed import PreemptionFlag, ignore_stop_signals, launch_env
+from llip_scale.data.build import build_loader, check_data, tokenizer_from_config
+from llip_scale.data.stream import DataError
+from llip_scale.eval.periodic import evaluate_run, log_mixing
+from llip_scale.launchers.torchrun import run_local
+from llip_scale.scale.flops import train_flops_per_sample
+from llip_scale.train import checkpoint
+from llip_scale.train.buildlock import clear_stale_locks
+from llip_scale.train.checkpoint import MARKER, ResumeError, list_checkpoints, verify
+from llip_scale.train.distributed import (
+    PreemptionFlag,
+    agree,
+    all_gather_objects,
+    all_gather_with_grad,
+    barrier,
+    ignore_stop_signals,
+    init_distributed,
+    launch_env,
+)
+from llip_scale.train.engine import clamp_logit_scale, compute_dtype, initialize, step_optimizer
+from llip_scale.train.metrics import MetricsWriter, Progress, StepMeter
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_PREEMPTED = 0, 1, 2, 75
 
@@ -72,8 +95,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def verify_checkpoint(path: str) -> int:
     """``--verify-checkpoint``: one line per checkpoint; exit 1 when any is broken."""
-    from llip_scale.checkpoint import verify
-
     ok, lines = verify(path)
     print("\n".join(lines), file=sys.stdout if ok else sys.stderr)
     return EXIT_OK if ok else EXIT_ERROR
@@ -84,8 +105,6 @@ def prepare(args: argparse.Namespace) -> Config:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from llip_scale.data import DataError
-
     sys.stdout.reconfigure(line_buffering=True)  # a log file gets each line as it happens
     args = parse_args(argv)
     if args.verify_checkpoint is not None:
@@ -95,7 +114,6 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         cfg = prepare(args)
         if args.print_config:
-            import yaml
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return EXIT_OK
         if args.nproc:
@@ -118,8 +136,6 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"{name}: data error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except RuntimeError as e:
-        from llip_scale.checkpoint import ResumeError
-
         if not isinstance(e, (TrainingError, ResumeError)):
             raise
         if rank == 0:  # every rank stops on the same agreed condition
@@ -129,8 +145,6 @@ def cli(argv: list[str] | None = None) -> int:
 
 def spawn(cfg: Config, args: argparse.Namespace, world: int) -> int:
     """``--nproc N``: check what N ranks need, then start them (torchrun in this process)."""
-    from llip_scale.launchers.torchrun import run_local
-
     if world > 1:
         raise ConfigError(f"--nproc={args.nproc} inside a launcher that already started {world} ranks; "
                           "drop --nproc")
@@ -151,121 +165,10 @@ def setup_logging(rank: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# data
-# ---------------------------------------------------------------------------------------------
-
-def build_tokenizer(cfg: Config) -> Any:
-    t = cfg.model.text
-    if cfg.data.source == "synthetic":
-        from llip_scale.data.synthetic import SyntheticTokenizer
-        return SyntheticTokenizer(t.vocab_size, t.context_length, t.eot_id, t.pad_id)
-    if not cfg.data.tokenizer and (t.vocab_size, t.eot_id) == (49408, 49407):
-        from llip_scale.tokenizers import ClipBpeTokenizer
-        return ClipBpeTokenizer(None, t.context_length)  # CLIP's vocabulary: its BPE, packaged
-    from llip_scale.data import Tokenizer
-    tok = Tokenizer(cfg.data.tokenizer, t.context_length)
-    if tok.vocab_size > t.vocab_size or tok.eot_id != t.eot_id:
-        raise ConfigError(f"tokenizer {cfg.data.tokenizer} has vocab_size={tok.vocab_size}, eot_id={tok.eot_id} but "
-                          f"the model has model.text.vocab_size={t.vocab_size}, model.text.eot_id={t.eot_id}; "
-                          "make them match")
-    return tok
-
-
-def check_data(cfg: Config) -> None:
-    """Fail before any compute when the data cannot be read."""
-    if cfg.data.source == "webdataset":
-        from llip_scale.data import check_sources
-        check_sources(cfg.data)
-
-
-def build_loader(cfg: Config, env: Any, tokenizer: Any, split: str = "train") -> Any:
-    batch = local_batch_size(cfg, env.world_size) if split == "train" else cfg.eval.batch_size
-    kw = dict(batch_size=batch, rank=env.rank, world_size=env.world_size,
-              image_size=cfg.model.vision.image_size, tokenizer=tokenizer, seed=cfg.seed)
-    if cfg.data.source == "synthetic":
-        from llip_scale.data.synthetic import SyntheticLoader
-        return SyntheticLoader(cfg.data, split=split, **kw)
-    from dataclasses import replace
-
-    from llip_scale.data import build_train_loader
-    data_cfg = cfg.data if split == "train" else replace(cfg.data, shards=cfg.eval.heldout_shards)
-    return build_train_loader(data_cfg, **kw)
-
-
-def heldout_source(cfg: Config) -> str:
-    """Where the held-out pairs come from: synthetic, shards, folder, or none."""
-    if cfg.eval.heldout_samples == 0:
-        return "none"
-    if cfg.data.source == "synthetic":
-        return "synthetic"
-    return "shards" if cfg.eval.heldout_shards else "folder" if cfg.eval.retrieval_dir else "none"
-
-
-def evaluate(engine: Any, cfg: Config, env: Any, tokenizer: Any) -> dict[str, float]:
-    """Evaluation every ``eval.every`` steps and at the end: the held-out loss and recall of
-    :mod:`llip_scale.heldout`, and zero-shot / retrieval on the eval folders when they are set.
-    Every rank runs it (ZeRO-3 gathers parameters collectively); rank 0 reports it."""
-    from llip_scale.heldout import evaluate_heldout, folder_pairs
-
-    out: dict[str, float] = {}
-    source, samples = heldout_source(cfg), cfg.eval.heldout_samples
-    if source != "none" and samples < env.world_size:
-        raise ConfigError(f"eval.heldout_samples={samples} is fewer than the {env.world_size} ranks; "
-                          "raise it or set it to 0")
-    if source in ("synthetic", "shards"):
-        out.update(evaluate_heldout(engine.module, iter(build_loader(cfg, env, tokenizer, "heldout")), cfg, env))
-    elif source == "folder":
-        per_rank, batches = folder_pairs(cfg.eval.retrieval_dir, tokenizer, cfg.model.vision.image_size, samples,
-                                         cfg.eval.batch_size, env)
-        out.update(evaluate_heldout(engine.module, batches, cfg, env, per_rank))
-    if cfg.eval.zeroshot_dir or cfg.eval.retrieval_dir:
-        from llip_scale.eval.run import evaluate as evaluate_folders
-
-        with eval_cast(cfg, env):
-            out.update(evaluate_folders(engine.module, tokenizer, cfg.model.vision.image_size, env.device,
-                                        zeroshot_dir=cfg.eval.zeroshot_dir, retrieval_dir=cfg.eval.retrieval_dir,
-                                        batch_size=cfg.eval.batch_size))
-    return out
-
-
-def eval_cast(cfg: Config, env: Any) -> Any:
-    """Autocast to the training precision for evaluation (nothing in fp32)."""
-    import contextlib
-
-    import torch
-
-    from llip_scale.engine import compute_dtype
-    dtype = compute_dtype(cfg)
-    return torch.autocast(env.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-
-
-def log_mixing(engine: Any, cfg: Config, env: Any, tokenizer: Any, writer: Any, step: int) -> None:
-    """The mixing picture of ``eval.mixing_images`` retrieval images, to TensorBoard (Llip only).
-    Every rank encodes (ZeRO-3 gathers parameters collectively); rank 0 draws."""
-    model = engine.module
-    if not (cfg.eval.mixing_images and cfg.eval.retrieval_dir and model.is_llip and cfg.logging.tensorboard):
-        return
-    from llip_scale.eval.mixing import retrieval_figures
-
-    was_training = model.training
-    model.eval()
-    try:
-        with eval_cast(cfg, env):
-            figures = retrieval_figures(model, tokenizer, cfg.eval.retrieval_dir, cfg.model.vision.image_size,
-                                        env.device, cfg.eval.mixing_images, render=env.is_main)
-    finally:
-        model.train(was_training)
-    for i, figure in enumerate(figures):
-        writer.figure(f"eval/mixing/{i}", figure, step)
-
-
-# ---------------------------------------------------------------------------------------------
 # helpers of the loop
 # ---------------------------------------------------------------------------------------------
 
 def seed_all(seed: int) -> None:
-    import numpy as np
-    import torch
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
@@ -288,7 +191,6 @@ def due(step: int, every: int, last: int) -> bool:
 def skipped_samples(batch: Any) -> dict[str, float]:
     """Samples the loaders dropped since the run started (their counts survive resumes), by
     reason, summed over ranks (a collective)."""
-    from llip_scale.distributed import all_gather_objects
     total: dict[str, float] = {}
     for per_rank in all_gather_objects(dict(getattr(batch, "skipped", {}) or {})):
         for reason, count in per_rank.items():
@@ -297,7 +199,6 @@ def skipped_samples(batch: Any) -> dict[str, float]:
 
 
 def write_summary(cfg: Config, state: TrainState, final: dict[str, float], status: str) -> dict:
-    from llip_scale.checkpoint import MARKER, list_checkpoints
     ckpts = [str(f.path) for f in list_checkpoints(cfg.run_dir) if (f.path / MARKER).is_file()]
     summary = {"status": status, "run_dir": str(cfg.run_dir), "steps": state.step, "updates": state.updates,
                "nonfinite_steps": state.nonfinite_total,
@@ -315,20 +216,13 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
     """Train ``cfg`` to its last step or to a stop signal. ``preempt``: a flag the caller installed
     (and keeps installed after the return, so no signal finds the default action); without
     one, main installs its own and restores the previous handlers when it returns."""
-    from llip_scale import checkpoint
-    from llip_scale.buildlock import clear_stale_locks
-    from llip_scale.distributed import agree, all_gather_with_grad, barrier, init_distributed
-    from llip_scale.engine import clamp_logit_scale, compute_dtype, initialize, step_optimizer
-    from llip_scale.flops import train_flops_per_sample
-    from llip_scale.metrics import MetricsWriter, Progress, StepMeter
-
     env = init_distributed(cfg.distributed.backend)
     setup_logging(env.rank)
     # Listen from the start: a signal during start-up stops the run after its first step.
     own_flag = preempt is None
     preempt = PreemptionFlag(cfg.distributed.preempt_signals).install() if own_flag else preempt
     check_data(cfg)
-    tokenizer = build_tokenizer(cfg)
+    tokenizer = tokenizer_from_config(cfg)
     b_local = local_batch_size(cfg, env.world_size)
 
     if env.local_rank == 0:  # before any rank of this machine loads a run-time built extension
@@ -395,7 +289,7 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
 
             # -- evaluation, checkpoint, preemption ---------------------------------------------
             if due(state.step, cfg.eval.every, cfg.steps) or state.step == cfg.steps:
-                final = evaluate(engine, cfg, env, tokenizer)
+                final = evaluate_run(engine, cfg, env, tokenizer)
                 log_mixing(engine, cfg, env, tokenizer, writer, state.step)
                 if final:
                     writer.write(state.step, final)
@@ -412,7 +306,7 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
                 status = "preempted"
                 break
         if status == "done" and not final:  # resumed at the end: report its numbers again
-            final = evaluate(engine, cfg, env, tokenizer)
+            final = evaluate_run(engine, cfg, env, tokenizer)
     finally:
         if own_flag:
             preempt.restore()
@@ -427,6 +321,3 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
     barrier()  # leave together: a launcher may stop the other ranks once one has exited
     return EXIT_PREEMPTED if status == "preempted" else EXIT_OK
 
-
-if __name__ == "__main__":
-    sys.exit(cli())

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
 from llip_scale.config import ConfigError, load_config
@@ -101,7 +102,6 @@ def unwrap(obj: Any) -> StateDict:
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise OfficialCheckpointError("expected a state dict of tensors, or a dict with one under 'state_dict'")
     return {_strip(k): v for k, v in sd.items()}
-
 
 def _strip(key: str) -> str:
     changed = True
@@ -284,7 +284,6 @@ def import_checkpoint(path: Union[str, Path], cfg: Optional[ModelConfig] = None,
 def load_imported(directory: Union[str, Path], backend: str = "auto",
                   chunk_size: Optional[int] = None) -> ContrastiveModel:
     """The model written by ``tools/import_official.py`` (``model.safetensors`` + ``config.yaml``)."""
-    from safetensors.torch import load_file
 
     directory = Path(directory)
     cfg = load_config(directory / "config.yaml")

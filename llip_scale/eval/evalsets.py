@@ -23,10 +23,10 @@ import torch
 from torch.utils.data import Dataset
 
 from llip_scale.data.transforms import eval_image
+from llip_scale.errors import ConfigError
 
 
 def _error(message: str) -> Exception:
-    from llip_scale.config import ConfigError
     return ConfigError(message)
 
 

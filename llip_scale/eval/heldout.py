@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llip_scale.config import Config
-from llip_scale.distributed import DistEnv, all_gather_with_grad
+from llip_scale.eval.evalsets import EvalImages, load_retrieval_split
 from llip_scale.model import ContrastiveModel
+from llip_scale.train.distributed import DistEnv, all_gather_with_grad
 
 
 def _blocks_loss(scores: Tensor, block: int, kind: str) -> float:
@@ -49,7 +50,6 @@ def folder_pairs(folder: str, tokenizer: Any, image_size: int, samples: int, bat
                  env: DistEnv) -> tuple[int, Iterator[Any]]:
     """(pairs per rank, batches of this rank) from a retrieval folder: each image with its first
     caption; the first ``samples`` images (fewer if the folder has fewer), split over ranks."""
-    from llip_scale.data.evalsets import EvalImages, load_retrieval_split
 
     split = load_retrieval_split(folder)
     per_rank = min(samples, len(split.images)) // env.world_size
@@ -86,3 +86,12 @@ def evaluate_heldout(model: ContrastiveModel, batches: Iterator[Any], cfg: Confi
     block = min(cfg.batch_size, scores.shape[0])
     return {"eval/loss": _blocks_loss(scores, block, cfg.model.head.kind),
             "eval/image_to_text_r1": i2t, "eval/text_to_image_r1": t2i, "eval/pairs": float(scores.shape[0])}
+
+
+def heldout_source(cfg: Config) -> str:
+    """Where the held-out pairs come from: synthetic, shards, folder, or none."""
+    if cfg.eval.heldout_samples == 0:
+        return "none"
+    if cfg.data.source == "synthetic":
+        return "synthetic"
+    return "shards" if cfg.eval.heldout_shards else "folder" if cfg.eval.retrieval_dir else "none"

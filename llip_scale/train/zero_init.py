@@ -20,7 +20,10 @@ import contextlib
 import functools
 from typing import Any, Callable, Iterator, Optional
 
+import deepspeed
 import torch
+from deepspeed import comm as dist
+from deepspeed.runtime.zero.partition_parameters import Init, ZeroParamStatus
 
 from llip_scale.model import ContrastiveModel, ModelConfig, build_model
 
@@ -30,8 +33,6 @@ _INIT_FUNCTIONS = ("normal_", "zeros_", "ones_", "uniform_", "constant_", "trunc
 
 
 def _gathering(fn: Callable[..., Any]) -> Callable[..., Any]:
-    import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     @functools.wraps(fn)
     def init(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -59,8 +60,6 @@ def _inits_gather_partitioned() -> Iterator[None]:
 def _scalar_parameters_supported() -> Iterator[None]:
     """zero.Init broadcasts each new parameter viewed as bytes (``param.data.view(uint8)``),
     which fails for 0-dim parameters such as logit_scale; broadcast those as one element."""
-    from deepspeed import comm as dist
-    from deepspeed.runtime.zero.partition_parameters import Init
 
     original = Init._zero_init_param
 
@@ -104,7 +103,6 @@ def build_model_zero3(model_cfg: ModelConfig, dtype: torch.dtype, ds_config: dic
     holds its local shard in ``p.ds_tensor``; ``deepspeed.initialize`` takes the model as is.
     Parameter offload to CPU follows ``zero_optimization.offload_param`` of ``ds_config``.
     """
-    import deepspeed
 
     check_zero3_config(ds_config)
     offload = (ds_config["zero_optimization"].get("offload_param") or {}).get("device", "none")

@@ -34,7 +34,7 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _truncate_jsonl(self.path, resume_step)
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # lazy: seconds to import, rank 0 only
             # purge_step hides events an interrupted attempt wrote past the resume point.
             self._tb = SummaryWriter(str(self.tb_dir), purge_step=resume_step + 1 if resume_step else None)
 

@@ -19,9 +19,13 @@ backend computes; ``gram`` and ``fold`` are the cheaper exact reformulations the
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
+from llip_scale.config import load_config
+from llip_scale.config_files import CONFIG_ROOT
 from llip_scale.model.config import ModelConfig
+from llip_scale.scale.planning import param_stats
 
 PAIR_MODES = ("plain", "gram", "fold")
 
@@ -154,7 +158,7 @@ def training_days(total_samples: float, flops_per_sample: float, num_devices: in
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-size table: `python -m llip_scale.flops [CONFIG ...]`
+# Per-size table: `python -m llip_scale.scale.flops [CONFIG ...]`
 # ---------------------------------------------------------------------------------------------
 
 # The released runs (facebookresearch/Llip, llip/run_configs/llip.py): GPUs (nodes x 8) and the
@@ -166,8 +170,6 @@ A100_BF16_FLOPS = 312e12  # dense bf16 peak of one A100
 
 def size_row(path: str, mfu: float = 0.4) -> dict:
     """FLOPs of one experiment config, with the released run's GPUs for the time estimate."""
-    from llip_scale.config import load_config
-    from llip_scale.planning import param_stats
 
     cfg = load_config(path)
     b = cfg.batch_size
@@ -197,9 +199,7 @@ def format_table(rows: list[dict], mfu: float = 0.4) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
 
-    from llip_scale.config import CONFIG_ROOT
 
     paths = (argv if argv is not None else sys.argv[1:]) or \
         [str(CONFIG_ROOT / "experiments" / f"{kind}_{s}.yaml") for kind in ("llip", "siglip") for s in REFERENCE_RUNS]

@@ -5,7 +5,7 @@ and the tokenizer that goes with it.
     tokenizer = llip_scale.get_tokenizer("OUT_DIR")
     scores = model.score(torch.stack([preprocess_val(image)]), tokenizer(["a cat", "a dog"]))
 
-``name_or_path`` resolves to a :class:`Source` (a model config, the weights when trained, the
+``name_or_path`` resolves to a :class:`ModelSource` (a model config, the weights when trained, the
 run config, and the ``inference.yaml`` an export carries):
 
 * a named size (``configs/models``: ``tiny``, ``b32`` ... ``g14``), a packaged config
@@ -15,7 +15,7 @@ run config, and the ``inference.yaml`` an export carries):
   ``.safetensors`` file;
 * a run folder (its newest complete checkpoint) or a ``checkpoints/step_*`` folder of any ZeRO
   stage (consolidated in memory, nothing written);
-* an official Llip checkpoint (``.pt``, converted by :mod:`llip_scale.official`).
+* an official Llip checkpoint (``.pt``, converted by :mod:`llip_scale.interop.official`).
 
 The model is built, loaded, cast to ``precision``, moved to ``device`` and put in eval mode.
 The transforms come from the model's image size (and the run's crop scale). The tokenizer is,
@@ -27,15 +27,24 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
 import yaml
+from safetensors.torch import load_file
 
-from llip_scale.config import ConfigError
-from llip_scale.model import ContrastiveModel, ModelConfig, build_model
+from llip_scale.config import load_config
+from llip_scale.data.config import DataConfig
+from llip_scale.data.synthetic import SyntheticTokenizer
+from llip_scale.data.transforms import OPENAI_MEAN, OPENAI_STD, EvalTransform, TrainTransform
+from llip_scale.errors import ConfigError, from_dict, validate_tree
+from llip_scale.interop import official
+from llip_scale.interop.tokenizers import build_tokenizer
+from llip_scale.model import ContrastiveModel, ModelConfig, build_model, model_config, model_names
+from llip_scale.train.checkpoint import find_checkpoint, first_problem
+from llip_scale.train.engine import consolidated_state_dict
 
 PathLike = Union[str, os.PathLike]
 INFERENCE_FILE = "inference.yaml"  # tokenizer + preprocessing, written next to an export
@@ -44,7 +53,7 @@ CLIP_VOCAB, CLIP_EOT = 49408, 49407
 
 
 @dataclass
-class Source:
+class ModelSource:
     """What ``name_or_path`` stands for."""
 
     model: ModelConfig
@@ -60,12 +69,11 @@ class Source:
 # ---------------------------------------------------------------------------------------------
 
 def _model_config(data: dict, where: str) -> ModelConfig:
-    from llip_scale.config import _validate_tree, from_dict
 
     if not isinstance(data, dict) or "model" not in data:
         raise ConfigError(f"{where} has no 'model' section; re-export the model")
     cfg = from_dict(ModelConfig, data["model"], "model")
-    _validate_tree(cfg, "model")
+    validate_tree(cfg, "model")
     return cfg
 
 
@@ -75,48 +83,43 @@ def _read_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def _export_source(folder: Path, weights: Path) -> Source:
-    from safetensors.torch import load_file
+def _export_source(folder: Path, weights: Path) -> ModelSource:
 
     config = folder / "config.yaml"
     if not config.is_file():
         raise ConfigError(f"{weights} has no config.yaml next to it; export the model with tools/export_checkpoint.py")
     run = _read_yaml(config)
-    return Source(_model_config(run, str(config)), lambda: load_file(str(weights), device="cpu"), run,
+    return ModelSource(_model_config(run, str(config)), lambda: load_file(str(weights), device="cpu"), run,
                   _read_yaml(folder / INFERENCE_FILE), folder, f"export {folder}")
 
 
-def _checkpoint_source(path: Path) -> Optional[Source]:
-    from llip_scale.checkpoint import problem
-    from llip_scale.eval.cli import find_checkpoint
+def _checkpoint_source(path: Path) -> Optional[ModelSource]:
 
     ckpt = find_checkpoint(path)
     if ckpt is None:
         return None
-    why = problem(ckpt)
+    why = first_problem(ckpt)
     if why is not None:
         raise ConfigError(f"checkpoint {ckpt} cannot be loaded: {why}; pass another checkpoint")
 
     def state() -> dict:
-        from llip_scale.engine import consolidated_state_dict
 
         return consolidated_state_dict(ckpt)
 
     run = _read_yaml(ckpt / "config.yaml")
-    return Source(_model_config(run, str(ckpt / "config.yaml")), state, run, {}, path, f"checkpoint {ckpt}")
+    return ModelSource(_model_config(run, str(ckpt / "config.yaml")), state, run, {}, path, f"checkpoint {ckpt}")
 
 
-def _official_source(path: Path, cfg: Optional[ModelConfig] = None) -> Source:
-    from llip_scale import official
+def _official_source(path: Path, cfg: Optional[ModelConfig] = None) -> ModelSource:
 
     try:
         state, cfg = official.import_checkpoint(path, cfg)  # renames and transposes; memory-mapped
     except official.OfficialCheckpointError as e:
         raise ConfigError(f"{path}: {e}") from None
-    return Source(cfg, lambda: state, {}, {}, path.parent, f"official checkpoint {path}")
+    return ModelSource(cfg, lambda: state, {}, {}, path.parent, f"official checkpoint {path}")
 
 
-def _path_source(path: Path, model: Optional[ModelConfig] = None) -> Source:
+def _path_source(path: Path, model: Optional[ModelConfig] = None) -> ModelSource:
     if path.is_file():
         if path.suffix in (".yaml", ".yml"):  # a config file: a fresh model of its architecture
             return _name_source(str(path))
@@ -132,25 +135,22 @@ def _path_source(path: Path, model: Optional[ModelConfig] = None) -> Source:
     return found
 
 
-def _name_source(name: str) -> Source:
-    from llip_scale.config import load_config
-    from llip_scale.model import model_config, model_names
+def _name_source(name: str) -> ModelSource:
 
     if name.lower().replace("/", "") in model_names():
-        return Source(model_config(name), description=f"model '{name}'")
+        return ModelSource(model_config(name), description=f"model '{name}'")
     try:
         run = load_config(name)
     except (ConfigError, OSError):
         raise ConfigError(f"'{name}' is neither an existing path nor a known model; pass one of "
                           f"{', '.join(model_names())}, a packaged config such as official/llip_b16_k32, or an "
                           "export, run, checkpoint or official .pt path") from None
-    from dataclasses import asdict
 
-    return Source(run.model, run=asdict(run), description=f"config '{name}'")
+    return ModelSource(run.model, run=asdict(run), description=f"config '{name}'")
 
 
-def resolve(name_or_path: PathLike, model: Optional[ModelConfig] = None) -> Source:
-    """The :class:`Source` behind a name or path (see the module docstring). ``model``: the
+def resolve(name_or_path: PathLike, model: Optional[ModelConfig] = None) -> ModelSource:
+    """The :class:`ModelSource` behind a name or path (see the module docstring). ``model``: the
     architecture an official checkpoint is read as (default: detected among the releases)."""
     path = Path(name_or_path)
     return _path_source(path, model) if path.exists() else _name_source(str(name_or_path))
@@ -177,7 +177,7 @@ def _load(model: ContrastiveModel, state: dict, what: str) -> None:
                           "the matching model name, or no name") from None
 
 
-def _create(source: Source, pretrained: Optional[PathLike], device: Union[str, torch.device, None],
+def _create(source: ModelSource, pretrained: Optional[PathLike], device: Union[str, torch.device, None],
             precision: Optional[str], backend: str, chunk_size: Optional[int]) -> ContrastiveModel:
     dtype = _dtype(precision)
     model = build_model(source.model, backend, chunk_size)
@@ -199,9 +199,8 @@ def create_model(name_or_path: PathLike, pretrained: Optional[PathLike] = None,
     return _create(resolve(name_or_path), pretrained, device, precision, backend, chunk_size)
 
 
-def preprocess_config(source: Source) -> dict:
+def preprocess_config(source: ModelSource) -> dict:
     """Image size and crops of a source: the export's ``inference.yaml``, else model and run."""
-    from llip_scale.data.config import DataConfig
 
     saved = source.inference.get("preprocess", {})
     scale = saved.get("train_crop_scale") or source.run.get("data", {}).get("crop_scale") or DataConfig().crop_scale
@@ -218,7 +217,6 @@ def create_model_and_transforms(name_or_path: PathLike, pretrained: Optional[Pat
     The transforms take a PIL image (or encoded bytes) and return float32 ``[3, S, S]``: training
     is the loader's RandomResizedCrop, evaluation resizes the short side and center-crops.
     """
-    from llip_scale.data.transforms import EvalTransform, TrainTransform
 
     source = resolve(name_or_path)
     model = _create(source, pretrained, device, precision, backend, None)
@@ -235,14 +233,13 @@ def _is_clip_vocabulary(cfg: ModelConfig) -> bool:
 
 
 def _file_tokenizer(path: Path, context_length: int) -> Any:
-    from llip_scale.tokenizers import build_tokenizer
 
     if path.suffix == ".model":
         return build_tokenizer(context_length, spm_model=path)
     return build_tokenizer(context_length, bpe_vocab=path)
 
 
-def tokenizer_spec(source: Source) -> dict:
+def tokenizer_spec(source: ModelSource) -> dict:
     """``{kind: sentencepiece | clip_bpe | synthetic, file: ...}`` for a source (see the module docstring)."""
     saved = source.inference.get("tokenizer")
     if saved:
@@ -263,11 +260,9 @@ def tokenizer_spec(source: Source) -> dict:
 
 
 def build_from_spec(spec: dict, cfg: ModelConfig, context_length: int) -> Any:
-    from llip_scale.tokenizers import build_tokenizer
 
     kind = spec.get("kind")
     if kind == "synthetic":
-        from llip_scale.data.synthetic import SyntheticTokenizer
 
         return SyntheticTokenizer(cfg.text.vocab_size, context_length, cfg.text.eot_id, cfg.text.pad_id)
     if kind == "clip_bpe":
@@ -285,7 +280,7 @@ def get_tokenizer(name_or_path: PathLike, context_length: Optional[int] = None) 
     tokenizer file (a sentencepiece ``.model``, or CLIP BPE merges ``.txt.gz``).
 
     ``context_length`` defaults to the model's (77 for a bare tokenizer file). Both
-    ``llip_scale.data.Tokenizer`` and ``llip_scale.tokenizers.build_tokenizer`` objects come out
+    ``llip_scale.data.Tokenizer`` and ``llip_scale.interop.tokenizers.build_tokenizer`` objects come out
     of here; they share the layout: pieces, the end token (always kept), padding.
     """
     path = Path(name_or_path)
@@ -299,7 +294,7 @@ def get_tokenizer(name_or_path: PathLike, context_length: Optional[int] = None) 
 # Bundling an export
 # ---------------------------------------------------------------------------------------------
 
-def bundle_spec(source: Source, tokenizer: Optional[PathLike] = None) -> dict:
+def bundle_spec(source: ModelSource, tokenizer: Optional[PathLike] = None) -> dict:
     """The tokenizer an export of ``source`` carries (``tokenizer`` overrides the source's),
     checked by loading it: a ConfigError names the problem before anything is written."""
     if tokenizer is not None:
@@ -313,14 +308,13 @@ def bundle_spec(source: Source, tokenizer: Optional[PathLike] = None) -> dict:
     return spec
 
 
-def write_inference_file(out_dir: PathLike, source: Source, tokenizer: Optional[PathLike] = None,
+def write_inference_file(out_dir: PathLike, source: ModelSource, tokenizer: Optional[PathLike] = None,
                          require_tokenizer: bool = True) -> Path:
     """Write ``out_dir/inference.yaml`` (tokenizer + preprocessing) and copy the tokenizer file
     there, so that the folder alone loads with :func:`create_model_and_transforms` and
     :func:`get_tokenizer`. ``tokenizer``: a sentencepiece ``.model`` or CLIP merges file that
     overrides the one the source names; ``require_tokenizer`` False: a source without one gets
     the preprocessing only."""
-    from llip_scale.data.transforms import OPENAI_MEAN, OPENAI_STD
 
     out = Path(out_dir)
     try:

@@ -3,14 +3,14 @@
 The one module that imports deepspeed. Flow:
 
     Config ──> deepspeed_config() (ZeRO stage, precision, clipping; ``distributed.deepspeed``
-               deep-merged last) ──> build_model() (under stage 3 built inside ``zero.Init``,
+               deep-merged last) ──> build_run_model() (under stage 3 built inside ``zero.Init``,
                so each rank only ever holds its shard) ──> initialize(): AdamW over
                param_groups() + warmup/cosine LambdaLR ──> DeepSpeedEngine
 
 After every optimizer step :func:`clamp_logit_scale` clamps the logit scale in the optimizer's
 fp32 master copy (where ZeRO or mixed precision keeps one) and in the module parameter (under
 ZeRO-3, each rank in its own shard). Checkpoint files are written and read here
-(:func:`save_engine`, :func:`load_engine`); :mod:`llip_scale.checkpoint` owns the layout, the
+(:func:`save_engine`, :func:`load_engine`); :mod:`llip_scale.train.checkpoint` owns the layout, the
 markers and the retention around them. :func:`consolidated_state_dict` rebuilds the full fp32
 weights from any stage's checkpoint without starting processes.
 """
@@ -31,12 +31,17 @@ from torch import Tensor, nn
 if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
     os.environ["DS_ACCELERATOR"] = "cpu"  # otherwise DeepSpeed guesses, with a warning
 
-import deepspeed  # noqa: E402
-from deepspeed.utils import safe_get_full_grad  # noqa: E402
+import deepspeed
+from deepspeed.accelerator import get_accelerator
+from deepspeed.ops.adam import DeepSpeedCPUAdam
+from deepspeed.utils import safe_get_full_grad, safe_get_local_fp32_param, safe_set_local_fp32_param
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from llip_scale.config import Config, deep_merge, local_batch_size  # noqa: E402
-from llip_scale.distributed import DistEnv  # noqa: E402
-from llip_scale.model import ContrastiveModel, build_model as build_plain_model  # noqa: E402
+from llip_scale.config import Config, deep_merge, local_batch_size
+from llip_scale.model import ContrastiveModel, build_model
+from llip_scale.pairs import resolve_backend
+from llip_scale.train.distributed import DistEnv
+from llip_scale.train.zero_init import build_model_zero3
 
 Engine = deepspeed.DeepSpeedEngine
 
@@ -82,19 +87,17 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
 # model, optimizer, schedule
 # ---------------------------------------------------------------------------------------------
 
-def build_model(cfg: Config, env: DistEnv, ds_config: dict) -> ContrastiveModel:
+def build_run_model(cfg: Config, env: DistEnv, ds_config: dict) -> ContrastiveModel:
     """The model of ``cfg.model`` with the configured pair backend and activation checkpointing,
     partitioned across ranks under ZeRO-3."""
-    from llip_scale.pairs import resolve_backend
 
     backend = resolve_backend(cfg.loss.backend, env.device)
     if cfg.distributed.zero_stage == 3:
         # Built under zero.Init: no rank ever holds the whole model, and the result equals the
-        # plain model built from the same seed (llip_scale.zero_init).
-        from llip_scale.zero_init import build_model_zero3
+        # plain model built from the same seed (llip_scale.train.zero_init).
         model = build_model_zero3(cfg.model, compute_dtype(cfg), ds_config, backend, cfg.loss.chunk_size)
     else:
-        model = build_plain_model(cfg.model, backend, cfg.loss.chunk_size)
+        model = build_model(cfg.model, backend, cfg.loss.chunk_size)
     for tower in (model.visual, model.text):
         tower.transformer.grad_checkpointing = cfg.distributed.activation_checkpointing
     return model
@@ -137,7 +140,6 @@ class WarmupCosine:
 def _optimizer(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
     o = cfg.optim
     if cfg.distributed.offload_optimizer:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam  # the fast path for offloaded states
         return DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
 
@@ -169,8 +171,7 @@ def _scalar_parameters_safe() -> Iterator[None]:
 def prebuild_ops() -> list[str]:
     """Build the DeepSpeed ops a run loads at start (on the CPU, the shared-memory communication
     op), so that jobs load them instead of building them: a job killed while building leaves a
-    lock behind (see :mod:`llip_scale.buildlock`). Returns the names of the ops built or found."""
-    from deepspeed.accelerator import get_accelerator
+    lock behind (see :mod:`llip_scale.train.buildlock`). Returns the names of the ops built or found."""
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
@@ -188,7 +189,7 @@ def initialize(cfg: Config, env: DistEnv) -> Engine:
     ds_config = deepspeed_config(cfg, env.world_size)
     schedule = WarmupCosine(cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio, cfg.optim.schedule)
     with _scalar_parameters_safe():
-        model = build_model(cfg, env, ds_config)
+        model = build_run_model(cfg, env, ds_config)
         groups = param_groups(model, cfg.optim.weight_decay)
         # A plain function, not the schedule object: LambdaLR then checkpoints only its position,
         # and the warmup/horizon of a resumed run come from its config.
@@ -215,7 +216,6 @@ def _gathered(params: list[nn.Parameter], modifier_rank: Optional[int] = None) -
 def _clamp_master(p: nn.Parameter, low: float, high: float) -> None:
     """Clamp the optimizer's fp32 copy of ``p`` where one exists (it overwrites p after a step)."""
     if _is_zero3(p):
-        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
         local = safe_get_local_fp32_param(p)  # this rank's slice; clamping is element-wise
         if local is not None:
             safe_set_local_fp32_param(p, local.clamp(low, high))
@@ -304,7 +304,6 @@ def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, Tensor]:
     """Full fp32 weights from a checkpoint folder of any ZeRO stage (offline, one process)."""
     checkpoint_dir = Path(checkpoint_dir)
     if list(checkpoint_dir.glob("*optim_states.pt")):  # ZeRO-1/2/3: rebuild from the partitions
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
     else:
         files = sorted(checkpoint_dir.glob("mp_rank_*_model_states.pt"))

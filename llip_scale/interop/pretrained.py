@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
-from llip_scale.config import ConfigError
+from llip_scale.errors import ConfigError, from_dict, validate_tree
 from llip_scale.model import ContrastiveModel, ModelConfig, build_model
 
 
@@ -27,7 +28,6 @@ def _files(path: Path) -> tuple[Path, Path]:
 def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
     """Write ``state`` as safetensors with the usual permissions: safetensors creates the file
     readable by its owner only (0600); give it what the umask allows, as ``open()`` would."""
-    from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
     umask = os.umask(0)
@@ -39,16 +39,14 @@ def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike, metada
 def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
                     backend: str = "auto") -> ContrastiveModel:
     """The exported model at ``path`` (its folder or its ``.safetensors`` file), in eval mode."""
-    from safetensors.torch import load_file
 
-    from llip_scale.config import _validate_tree, from_dict
 
     weights, config = _files(Path(path))
     data = yaml.safe_load(config.read_text()) or {}
     if "model" not in data:
         raise ConfigError(f"{config} has no 'model' section; re-export the checkpoint")
     model_cfg = from_dict(ModelConfig, data["model"], "model")
-    _validate_tree(model_cfg, "model")
+    validate_tree(model_cfg, "model")
     model = build_model(model_cfg, backend=backend)
     model.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
     return model.to(device).eval()
