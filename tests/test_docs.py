@@ -185,6 +185,7 @@ COVERED: dict[str, tuple[str, str]] = {
                   "six minutes of two-process training; the test runs its entry point, llip_scale.demo"),
     "make test": ("", "the whole suite, which includes this file; CI runs it (.ci/run)"),
     "make test-fast": ("", "the suite without the slow tests, which includes this file"),
+    "make lint": ("", "ruff over the repository; CI runs it (.ci/run)"),
     "make test ARGS='-m slurm'": ("tests/test_slurm.py::test_time_limit_saves_requeues_and_resumes_exactly",
                                   "a real Slurm, as root"),
     "make test ARGS=\"tests/test_checkpoint.py --durations=10\"": ("", "runs a test file of the suite"),
@@ -283,12 +284,10 @@ def _flags(args: list[str]) -> list[str]:
 
 def _entry(prog: tuple[str, ...]):
     """The function a program runs, called with its argument list: a console script's entry
-    point, a module's (or script's) ``cli`` or ``main``."""
+    point, a script's ``cli`` or ``main``."""
     if len(prog) == 1:
         (ep,) = importlib.metadata.entry_points(group="console_scripts", name=prog[0])
         return ep.load()
-    if prog[1] == "-m":
-        module = importlib.import_module(prog[2])
     else:
         name = f"_docs_tool_{Path(prog[1]).stem}"
         spec = importlib.util.spec_from_file_location(name, prog[1])
@@ -300,10 +299,15 @@ def _entry(prog: tuple[str, ...]):
 
 @functools.lru_cache(maxsize=None)
 def help_text(prog: tuple[str, ...]) -> str:
-    """What the program's --help prints (the script itself for a shell script). Asked in this
-    process: argparse prints the help and exits before the program does anything."""
+    """What the program's --help prints (the script itself for a shell script). Scripts and
+    console scripts are asked in this process (argparse prints the help and exits before the
+    program does anything); a module run with -m in a process of its own, as its __main__ runs."""
     if prog[-1].endswith(".sh"):
         return (REPO / prog[-1]).read_text()
+    if prog[1:2] == ("-m",):
+        proc = subprocess.run([*prog, "--help"], cwd=REPO, env=_env(), capture_output=True, text=True)
+        assert proc.returncode == 0, f"{' '.join(prog[1:])} --help failed:\n{proc.stderr[-2000:]}"
+        return proc.stdout
     out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # a real text stream: some reconfigure it
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
         _entry(prog)(["--help"])
@@ -471,13 +475,16 @@ def test_relative_links_and_anchors_resolve():
 
 
 def test_module_names_and_paths_in_the_docs_exist():
-    """`llip_scale.x.y` names import (a module, then attributes), `llip_scale/x/y.py` paths exist."""
-    import importlib
-
+    """`llip_scale.x.y` names import (a module, then attributes), and so do the names of
+    `from llip_scale.x import a, b` lines; `llip_scale/x/y.py` paths exist."""
     bad = []
     for page in PAGES:
         for n, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
-            for name in re.findall(r"\b(llip_scale(?:\.\w+)+)", line):
+            names = re.findall(r"\b(llip_scale(?:\.\w+)+)", line)
+            imported = re.match(r"^\s*from (llip_scale[\w.]*) import ([\w, ]+)", line)
+            if imported:
+                names += [f"{imported.group(1)}.{a.strip()}" for a in imported.group(2).split(",") if a.strip()]
+            for name in names:
                 parts = name.split(".")
                 for k in range(len(parts), 0, -1):
                     try:
