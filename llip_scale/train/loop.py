@@ -298,7 +298,7 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
                 started = time.perf_counter()
                 path = checkpoint.save(engine, cfg, state.step,
                                        {"train": asdict(state), "rng": checkpoint.rng_state()}, env)
-                # The save time sizes launcher.signal_delay_s (see the README).
+                # The save time sizes launcher.signal_delay_s (see docs/launching-and-preemption.md).
                 progress.message(f"step {state.step}: checkpoint {path} ({time.perf_counter() - started:.1f} s)")
             if verdict.stop:
                 progress.message(f"stopped by {preempt.received or 'a signal on another rank'} at step "
