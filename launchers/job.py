@@ -31,7 +31,6 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.config_path = config_path
 
     def __call__(self) -> int:
-
         env = submitit.JobEnvironment()
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         submitit_handler = signal.getsignal(signal.SIGUSR2)  # checkpoint() + requeue, installed by submitit

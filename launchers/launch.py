@@ -58,7 +58,6 @@ def slurm_parameters(cfg: Config, code_dir: Path) -> dict:
 
 
 def slurm_executor(cfg: Config, run_dir: Path, code_dir: Path):
-
     ex = submitit.AutoExecutor(folder=run_dir / SUBMITIT_DIR, cluster="slurm",
                                slurm_max_num_timeout=cfg.launcher.max_requeues)
     ex.update_parameters(**slurm_parameters(cfg, code_dir))

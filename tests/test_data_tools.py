@@ -15,16 +15,9 @@ import torch
 import webdataset as wds
 from shardgen import image_bytes, make_tokenizer
 
-from llip_scale.data import (
-    DataConfig,
-    Tokenizer,
-    build_train_loader,
-    check_sources,
-    load_retrieval_split,
-    load_zeroshot_split,
-)
+from llip_scale.data import DataConfig, Tokenizer, build_train_loader, check_sources
 from llip_scale.data.shards import expand_braces
-from llip_scale.eval.evalsets import EvalImages
+from llip_scale.eval.evalsets import EvalImages, load_retrieval_split, load_zeroshot_split
 from llip_scale.model import build_model, model_config
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"

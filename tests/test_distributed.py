@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from llip_scale.train.distributed import PreemptionFlag, agree, all_gather_with_grad, launch_env, resolve_backend
+from llip_scale.train.distributed import PreemptionFlag, agree, all_gather_with_grad, launch_env, process_group_backend
 
 WORLD = 2
 
@@ -105,8 +105,8 @@ def test_launch_env_reads_torchrun_then_slurm(monkeypatch):
 
 def test_nccl_without_cuda_is_refused():
     with pytest.raises(RuntimeError, match="distributed.backend=auto"):
-        resolve_backend("nccl", torch.device("cpu"))
-    assert resolve_backend("auto", torch.device("cpu")) == "gloo"
+        process_group_backend("nccl", torch.device("cpu"))
+    assert process_group_backend("auto", torch.device("cpu")) == "gloo"
 
 
 def test_preemption_flag_is_set_by_a_signal_and_restored():

@@ -17,6 +17,7 @@ from llip_scale.config import ConfigError
 from llip_scale.data.tokenizer import Tokenizer, train_tokenizer
 from llip_scale.data.transforms import eval_image
 from llip_scale.interop.factory import resolve, write_inference_file
+from llip_scale.interop.pretrained import load_pretrained
 from llip_scale.interop.tokenizers import ClipBpeTokenizer
 from llip_scale.model import build_model, model_config
 
@@ -158,14 +159,12 @@ def test_official_checkpoint_through_the_factory(tmp_path):
     from test_scale_official import SMALL as OFFICIAL_SMALL
     from test_scale_official import _tool, _write_config, official_layout
 
-    from llip_scale.interop import official
-
     sd = official_layout(OFFICIAL_SMALL["vision"], OFFICIAL_SMALL["text"], 32, False)
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "ckpt.pt")
     config = _write_config(tmp_path, False)
     model = llip_scale.create_model(config, pretrained=tmp_path / "ckpt.pt")
     assert _tool().main([str(tmp_path / "ckpt.pt"), str(tmp_path / "out"), "--config", str(config)]) == 0
-    imported = official.load_imported(tmp_path / "out")
+    imported = load_pretrained(tmp_path / "out")
     for name, value in imported.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
     assert yaml.safe_load((tmp_path / "out" / "inference.yaml").read_text())["preprocess"]["image_size"] == 32

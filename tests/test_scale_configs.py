@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from llip_scale.config import CONFIG_ROOT, load_config
+from llip_scale.config import load_config
+from llip_scale.config_files import CONFIG_ROOT
 
 SIZES = {  # size: (lr, K, tau, use_norm)
     "b32": (5e-4, 32, 5.0, False), "b16": (5e-4, 32, 5.0, False), "l14": (4e-4, 32, 1.0, False),

@@ -1,6 +1,12 @@
 """FLOP accounting checked against PyTorch's own FLOP counter on real forward/backward passes."""
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -10,6 +16,14 @@ from llip_scale.model import build_model, model_config
 from llip_scale.scale import flops
 
 BATCH = 6
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _flops_table():
+    spec = importlib.util.spec_from_file_location("flops_table", ROOT / "tools" / "flops_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _batch(cfg):
@@ -90,14 +104,24 @@ def test_mfu_and_days():
 
 
 def test_size_table_of_an_experiment():
-    row = flops.size_row("experiments/llip_g14.yaml")
+    table = _flops_table()
+    row = table.size_row("experiments/llip_g14.yaml")
     cfg = model_config("g14")
     assert row["params"] == sum(p.numel() for p in _meta_model(cfg).parameters())
     assert row["model_flops"] == flops.train_flops_per_sample(cfg, 32768) - \
         flops.forward_flops(cfg, 32768).pairs  # MFU counts no recomputation
     assert row["hardware_flops"] > row["model_flops"]  # checkpointing and the pair recompute
     assert row["days"] == pytest.approx(flops.training_days(12.8e9, row["model_flops"], 256, 312e12, 0.4))
-    assert "| 256 x 128 |" in flops.format_table([row])
+    assert "| 256 x 128 |" in table.format_table([row])
+
+
+def test_size_table_runs_as_a_script():
+    out = subprocess.run([str(ROOT / "tools" / "flops_table.py"), "experiments/llip_b16.yaml"], capture_output=True,
+                         text=True, cwd=ROOT, env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert out.returncode == 0, out.stderr
+    header, rule, row = out.stdout.splitlines()
+    assert header.startswith("| config | params |") and row.startswith("| experiments/llip_b16.yaml | ")
+    assert "| 128 x 256 |" in row  # the released B/16 run: 16 nodes x 8 GPUs, 256 per GPU
 
 
 def _meta_model(cfg):

@@ -14,6 +14,7 @@ import yaml
 
 from llip_scale.config import load_config
 from llip_scale.interop import official
+from llip_scale.interop.pretrained import load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"vision": {"image_size": 32, "patch_size": 8, "width": 64, "depth": 2, "heads": 2, "mlp_dim": 256,
@@ -154,7 +155,7 @@ def test_converted_checkpoint_reproduces_the_official_formulas(tmp_path, use_nor
     logits_ref = official_logits(sd, k_ref, v_ref, q_ref, zt_ref, weight_scale=5.0)
     merge = lambda z: z.permute(0, 2, 1, 3).reshape(z.shape[0], z.shape[2], -1)  # noqa: E731
     for backend in ("reference", "chunked"):
-        model = official.load_imported(tmp_path / "out", backend=backend).eval()
+        model = load_pretrained(tmp_path / "out", backend=backend)
         with torch.no_grad():
             keys, values = model.encode_image(images)
             queries, targets = model.encode_text(text)

@@ -11,7 +11,7 @@ import torch
 
 from llip_scale.config import ConfigError, load_config
 from llip_scale.model import build_model
-from llip_scale.scale import planning
+from llip_scale.scale import measure, planning
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "models" / "tiny.yaml"
@@ -82,7 +82,7 @@ def test_checkpointing_keeps_only_block_inputs():
 def test_model_states_per_stage(tiny_config):
     cfg = load_config(tiny_config)
     P = sum(p.numel() for p in build_model(cfg.model).parameters())
-    fp32 = planning.cpu_plan(cfg, 8)
+    fp32 = measure.cpu_plan(cfg, 8)
     assert fp32.params.total == P
     assert fp32.static["parameters"] == 4 * P and fp32.static["optimizer: Adam moments"] == 8 * P
     assert fp32.step["gradients"] == 4 * P

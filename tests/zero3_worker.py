@@ -17,7 +17,7 @@ import deepspeed
 import torch
 
 from llip_scale.model import build_model, model_config
-from llip_scale.scale import planning
+from llip_scale.scale import measure
 from llip_scale.train.zero_init import build_model_zero3
 
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
@@ -45,12 +45,12 @@ def memory(rank: int, args: list[str]) -> dict:
     cfg = model_config(args[0])
     if len(args) > 1:  # fewer blocks, same widths
         cfg.vision.depth, cfg.text.depth = int(args[1]), max(1, int(args[1]) * cfg.text.depth // cfg.vision.depth)
-    baseline = planning._reset_peak()
+    baseline = measure.reset_peak()
     model = build_model_zero3(cfg, torch.bfloat16, DS_CONFIG)
     params = list(model.parameters())
     return {"local": sum(p.ds_tensor.numel() for p in params), "total": sum(p.ds_numel for p in params),
             "dtypes": sorted({str(p.ds_tensor.dtype) for p in params}),
-            "peak_bytes": planning._peak() - baseline, "rss_bytes": planning._status_bytes("VmRSS") - baseline,
+            "peak_bytes": measure.peak_bytes() - baseline, "rss_bytes": measure.status_bytes("VmRSS") - baseline,
             "vision_depth": cfg.vision.depth}
 
 

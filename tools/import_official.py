@@ -20,7 +20,7 @@ Writes OUT_DIR/model.safetensors (our parameter names), OUT_DIR/config.yaml (loa
 ``llip_scale.config.load_config``; QuickGELU, CLIP BPE end token, tau) and OUT_DIR/inference.yaml
 (tokenizer: CLIP BPE from the packaged vocabulary, or a copy of ``--bpe-vocab``; preprocessing).
 Load the result with ``llip_scale.create_model_and_transforms(OUT_DIR)`` and
-``llip_scale.get_tokenizer(OUT_DIR)``, or ``llip_scale.interop.official.load_imported(OUT_DIR)``.
+``llip_scale.get_tokenizer(OUT_DIR)``, or ``llip_scale.load_pretrained(OUT_DIR)``.
 """
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ from llip_scale.config_files import CONFIG_ROOT
 from llip_scale.errors import ConfigError
 from llip_scale.model.zoo import recipe_path, size_or_config
 from llip_scale.scale import planning
+from llip_scale.scale.measure import cpu_plan
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,12 +87,12 @@ def summary_line(r: dict, budget: float) -> str:
 
 _MEASURE = """
 import gc, json, sys
-from llip_scale.scale import planning
+from llip_scale.scale import measure, planning
 from llip_scale.config import load_config
 job = json.loads(sys.argv[1])
 for i, path in enumerate(job["configs"]):
     cfg = load_config(path, job["overrides"])
-    r = planning.measure_step_memory(cfg, job["batch"] or cfg.batch_size, job["steps"], job["backend"], warmup=i == 0)
+    r = measure.measure_step_memory(cfg, job["batch"] or cfg.batch_size, job["steps"], job["backend"], warmup=i == 0)
     print(json.dumps(r), flush=True)
     gc.collect()
 """
@@ -105,7 +106,7 @@ def measure(paths: list[str], args: argparse.Namespace) -> list[dict]:
            "backend": args.backend}
     configs = [load_config(p, args.overrides) for p in paths]  # fail on bad configs before running
     for path, cfg in zip(paths, configs):
-        need = planning.cpu_plan(cfg, args.batch or cfg.batch_size, args.backend).peak
+        need = cpu_plan(cfg, args.batch or cfg.batch_size, args.backend).peak
         if need > 0.8 * _available_bytes():
             raise ConfigError(f"{path}: the CPU run would need ~{need / planning.GiB:.1f} GiB, more than this "
                               f"machine has free ({_available_bytes() / planning.GiB:.1f} GiB); pass a smaller --batch")
@@ -117,7 +118,7 @@ def measure(paths: list[str], args: argparse.Namespace) -> list[dict]:
     results = []
     for path, cfg, line in zip(paths, configs, lines):
         measured = json.loads(line)
-        plan = planning.cpu_plan(cfg, measured["micro_batch"], args.backend)
+        plan = cpu_plan(cfg, measured["micro_batch"], args.backend)
         results.append({"config": path, "batch": measured["micro_batch"], "measured_bytes": measured["peak_bytes"],
                         "planned_bytes": plan.peak, "ratio": plan.peak / measured["peak_bytes"], "plan": plan})
     return results

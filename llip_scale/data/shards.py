@@ -132,7 +132,6 @@ def check_sources(cfg: DataConfig) -> list[Source]:
 
 
 def _check_local(src: Source, name: str) -> None:
-
     sizes = [_file_size(u) for u in src.urls]
     missing = [u for u, size in zip(src.urls, sizes) if size is None]
     if missing:
@@ -153,7 +152,6 @@ def _file_size(path: str) -> int | None:
 
 
 def _check_pipe(src: Source, name: str) -> None:
-
     for url in src.urls[:1]:  # the same program serves every shard of a source
         words = shlex.split(url[len(PIPE):])
         if not words:

@@ -38,7 +38,6 @@ def retrieval_figures(model, tokenize, folder: str | Path, image_size: int, devi
     captions. Every caller runs the model (ZeRO-3 gathers parameters collectively); only those
     with ``render`` build figures."""
 
-
     split = load_retrieval_split(folder)
     figures = []
     for path, captions in list(zip(split.images, split.captions))[:count]:

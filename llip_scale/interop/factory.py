@@ -69,7 +69,6 @@ class ModelSource:
 # ---------------------------------------------------------------------------------------------
 
 def _model_config(data: dict, where: str) -> ModelConfig:
-
     if not isinstance(data, dict) or "model" not in data:
         raise ConfigError(f"{where} has no 'model' section; re-export the model")
     cfg = from_dict(ModelConfig, data["model"], "model")
@@ -84,7 +83,6 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _export_source(folder: Path, weights: Path) -> ModelSource:
-
     config = folder / "config.yaml"
     if not config.is_file():
         raise ConfigError(f"{weights} has no config.yaml next to it; export the model with tools/export_checkpoint.py")
@@ -94,7 +92,6 @@ def _export_source(folder: Path, weights: Path) -> ModelSource:
 
 
 def _checkpoint_source(path: Path) -> Optional[ModelSource]:
-
     ckpt = find_checkpoint(path)
     if ckpt is None:
         return None
@@ -103,7 +100,6 @@ def _checkpoint_source(path: Path) -> Optional[ModelSource]:
         raise ConfigError(f"checkpoint {ckpt} cannot be loaded: {why}; pass another checkpoint")
 
     def state() -> dict:
-
         return consolidated_state_dict(ckpt)
 
     run = _read_yaml(ckpt / "config.yaml")
@@ -111,7 +107,6 @@ def _checkpoint_source(path: Path) -> Optional[ModelSource]:
 
 
 def _official_source(path: Path, cfg: Optional[ModelConfig] = None) -> ModelSource:
-
     try:
         state, cfg = official.import_checkpoint(path, cfg)  # renames and transposes; memory-mapped
     except official.OfficialCheckpointError as e:
@@ -136,7 +131,6 @@ def _path_source(path: Path, model: Optional[ModelConfig] = None) -> ModelSource
 
 
 def _name_source(name: str) -> ModelSource:
-
     if name.lower().replace("/", "") in model_names():
         return ModelSource(model_config(name), description=f"model '{name}'")
     try:
@@ -233,7 +227,6 @@ def _is_clip_vocabulary(cfg: ModelConfig) -> bool:
 
 
 def _file_tokenizer(path: Path, context_length: int) -> Any:
-
     if path.suffix == ".model":
         return build_tokenizer(context_length, spm_model=path)
     return build_tokenizer(context_length, bpe_vocab=path)
@@ -260,7 +253,6 @@ def tokenizer_spec(source: ModelSource) -> dict:
 
 
 def build_from_spec(spec: dict, cfg: ModelConfig, context_length: int) -> Any:
-
     kind = spec.get("kind")
     if kind == "synthetic":
 

@@ -54,11 +54,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from llip_scale.config import ConfigError, load_config
-from llip_scale.model import ContrastiveModel, ModelConfig, build_model
+from llip_scale.model import ModelConfig, build_model
 
 # Every released Llip size, and the "all tokens" variant; detect_config matches shapes among them.
 OFFICIAL_CONFIGS = ("official/llip_b32_k64", "official/llip_b16_k32", "official/llip_l14_k32",
@@ -279,14 +278,3 @@ def import_checkpoint(path: Union[str, Path], cfg: Optional[ModelConfig] = None,
                       dtype: Optional[torch.dtype] = None) -> tuple[StateDict, ModelConfig]:
     """Read and convert an official checkpoint file."""
     return convert_state_dict(read_checkpoint(path), cfg, dtype)
-
-
-def load_imported(directory: Union[str, Path], backend: str = "auto",
-                  chunk_size: Optional[int] = None) -> ContrastiveModel:
-    """The model written by ``tools/import_official.py`` (``model.safetensors`` + ``config.yaml``)."""
-
-    directory = Path(directory)
-    cfg = load_config(directory / "config.yaml")
-    model = build_model(cfg.model, backend, chunk_size)
-    model.load_state_dict(load_file(str(directory / "model.safetensors")))
-    return model

@@ -40,7 +40,6 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
                     backend: str = "auto") -> ContrastiveModel:
     """The exported model at ``path`` (its folder or its ``.safetensors`` file), in eval mode."""
 
-
     weights, config = _files(Path(path))
     data = yaml.safe_load(config.read_text()) or {}
     if "model" not in data:

@@ -36,7 +36,6 @@ class TextTokenizer(Protocol):
     eot_id: int
     pad_id: int
     context_length: int
-
     def __call__(self, texts: Texts) -> torch.Tensor: ...
 
 
