@@ -176,7 +176,7 @@ RUN: dict[str, dict] = {
     "tools/plan_memory.py configs/experiments/llip_g14.yaml --world-size 256 --gpu-mem 80": {},
     "tools/plan_memory.py configs/experiments/{llip,siglip,clip}_{b32,b16,l14}.yaml --world-size 128": {"slow": True},
     "tools/plan_memory.py configs/experiments/{llip,siglip,clip}_{h14,g14}.yaml --world-size 256": {"slow": True},
-    "python -m llip_scale.scale.flops": {},
+    "python tools/flops_table.py": {},
 }
 
 # Too expensive to run here: the test that runs it (or what it does), and why not here.
