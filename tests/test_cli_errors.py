@@ -32,16 +32,19 @@ def config(tmp_path) -> Path:
     return write_config(tmp_path / "config.yaml")
 
 
+@pytest.mark.slow  # a llip-train process each, as the three below
 def test_a_config_that_is_not_utf8(tmp_path):
     path = tmp_path / "latin1.yaml"
     path.write_bytes("steps: 3  # caf\u00e9\n".encode("latin-1"))
     assert_one_line(llip_train(path), 2, f"{path}: not UTF-8 text (byte 0xe9", "save the file as UTF-8")
 
 
+@pytest.mark.slow
 def test_a_config_path_that_is_a_folder(tmp_path):
     assert_one_line(llip_train(tmp_path), 2, f"config path '{tmp_path}' is a folder; pass a YAML file")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run_dir", ["taken", "taken/run"])
 def test_a_run_dir_that_is_an_existing_file(config, tmp_path, run_dir):
     (tmp_path / "taken").write_text("not a folder")

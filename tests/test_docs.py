@@ -165,7 +165,7 @@ def _photos(cwd: Path, request) -> None:
 # one command of each tool, the full suite all of them).
 RUN: dict[str, dict] = {
     "llip-train configs/models/tiny.yaml steps=100 model.vision.width=64 optim.lr=1e-3 --print-config": {},
-    "python tools/model_summary.py all": {},
+    "python tools/model_summary.py all": {"slow": True},  # test_tool_models runs the tool in process
     "python tools/model_summary.py b16 --kind siglip": {"slow": True},
     "python tools/model_summary.py configs/official/llip_l14_k32.yaml --json": {"slow": True},
     "python tools/make_shards.py photos/ shards/ --per-shard 1000": {"setup": _photos},
@@ -176,7 +176,7 @@ RUN: dict[str, dict] = {
     "tools/plan_memory.py configs/experiments/llip_g14.yaml --world-size 256 --gpu-mem 80": {},
     "tools/plan_memory.py configs/experiments/{llip,siglip,clip}_{b32,b16,l14}.yaml --world-size 128": {"slow": True},
     "tools/plan_memory.py configs/experiments/{llip,siglip,clip}_{h14,g14}.yaml --world-size 256": {"slow": True},
-    "python tools/flops_table.py": {},
+    "python tools/flops_table.py": {"slow": True},  # test_scale_flops runs it too
 }
 
 # Too expensive to run here: the test that runs it (or what it does), and why not here.

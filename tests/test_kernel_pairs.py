@@ -83,6 +83,7 @@ def test_loss_and_gradients_match_reference_fp16(name, small_token_blocks):
     check_against_reference(SHAPES[name], torch.float16, seed=100 + len(name))
 
 
+@pytest.mark.slow  # many tiles in the interpreter
 def test_a_positive_in_every_position_of_a_tile():
     # 16 images with offset 5 put positives at columns 5..20: every row of a 16-text tile holds
     # one, in both tiles they touch; a label bug at any position changes the loss and gradients.
@@ -126,6 +127,7 @@ def test_scores_with_gradients_come_from_the_differentiable_path():
     torch.testing.assert_close(got.detach().double().cpu(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # a model step in the interpreter
 def test_tiny_model_training_step_matches_chunked():
     """The real entry point: ContrastiveModel with backend=triton, loss and every parameter gradient."""
     torch.manual_seed(0)

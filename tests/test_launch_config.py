@@ -37,6 +37,7 @@ def test_dry_run_sbatch_has_the_requested_resources(tmp_path):
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
 
 
+@pytest.mark.slow  # a llip-launch process each
 @pytest.mark.parametrize("override, message", [
     ("launcher.partiton=learn", "unknown config key 'launcher.partiton'; did you mean 'launcher.partition'?"),
     ("launcher.nodes=0", "launcher.nodes must be >= 1"),
