@@ -141,7 +141,6 @@ ALL_FENCED = [c for p in PAGES for c in fenced_commands(p)]
 ALL_INLINE = [c for p in PAGES for c in inline_commands(p)]
 
 
-
 # ---------------------------------------------------------------- what covers each command
 
 def _demo_data(cwd: Path, request) -> None:
@@ -161,8 +160,8 @@ def _photos(cwd: Path, request) -> None:
 
 
 # Run here, as written. Values: what the scratch folder needs first, and whether it is slow (a
-# process start with torch and DeepSpeed imports is seconds on a busy machine: the fast tier runs
-# one command of each tool, the full suite all of them).
+# process start with torch and DeepSpeed imports takes seconds on a busy machine: the fast tier
+# runs the cheapest, the full suite all of them).
 RUN: dict[str, dict] = {
     "llip-train configs/models/tiny.yaml steps=100 model.vision.width=64 optim.lr=1e-3 --print-config": {},
     "python tools/model_summary.py all": {"slow": True},  # test_tool_models runs the tool in process
@@ -502,7 +501,8 @@ def test_module_names_and_paths_in_the_docs_exist():
                     bad.append(f"{page.relative_to(REPO)}:{n}: {path}")
     assert not bad, "not found:\n" + "\n".join(bad)
 
-if __name__ == "__main__":
+
+if __name__ == "__main__":  # list the commands the check sees
     for c in ALL_FENCED:
         print(repr(c))
     print("--- inline")
