@@ -1,9 +1,10 @@
 """Triton kernels of the fused pair head: forward (scores or loss) and backward.
 
-One program owns one tile: one image ``i`` against a block of ``BT`` texts. Per tile and per head
-``h`` the mixing is ordinary attention with the texts as queries and the K mixture tokens as keys,
-so the whole softmax over K fits in the tile and nothing per pair ever reaches global memory
-except, when training, two fp32 scalars (cos and ||z||) that the backward turns into dL/ds.
+In the forward, one program owns one tile: one image ``i`` against a block of ``BT`` texts. Per
+tile and per head ``h`` the mixing is ordinary attention with the texts as queries and the K
+mixture tokens as keys, so the whole softmax over K fits in the tile and nothing per pair ever
+reaches global memory except, when training, two fp32 scalars (cos and ||z||) that the backward
+turns into dL/ds.
 
 Per tile, with a_b the attention weights of token block b (a head, or a KC-wide slice of a head
 when K > KC) held in registers as a tuple of [BT, KC] tensors:
@@ -232,7 +233,7 @@ def _pair_grads(Q, U, k_ptr, v_ptr, g_ptr, rows, row_mask, h, dnum, dsq, n_tok, 
     ga = ()  # (G a) on the blocks of head h
     for c in tl.static_range(NC):
         ga = ga + (tl.zeros([BT, KC], dtype=tl.float32),)
-    for h2 in range(0, E // D):  # E // D = H, a runtime bound: the loop stays a loop
+    for h2 in range(0, E // D):  # E // D = H as a runtime bound: never unrolled, so compiles stay short
         other = _head_weights(Q, k_ptr, rows, row_mask, h2, n_tok, E, scale_log2, NC, D, BD, KC, BT, EVEN_D,
                               PREC)
         new_ga = ()
