@@ -24,12 +24,13 @@ def test_chosen_kernels_compile_for_sm90_and_sm80_without_spills():
     # The configs the backend launches for the tiny model's head (K=8, E=128, H=4), through the
     # same path as the zoo's table in benchmarks/RESULTS.md.
     cmd = [sys.executable, os.path.join(ROOT, "tools", "kernel_resources.py"), "--chosen", "--models", "tiny",
-           "--dtype", "bfloat16", "--arch", "90", "80", "--json"]
+           "--fwd-modes", "scores", "loss", "loss_stats", "--dtype", "bfloat16", "--arch", "90", "80", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_LIMIT_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    expected = [(k, a) for a in (90, 80) for k in ("fwd", "bwd_image", "bwd_text")]
-    assert [(r["kernel"], r["arch"]) for r in rows] == expected
+    kernels = ["fwd/scores", "fwd/loss", "fwd/loss_stats", "bwd_image", "bwd_text"]
+    got = [(r["kernel"] + (f"/{r['mode']}" if "mode" in r else ""), r["arch"]) for r in rows]
+    assert got == [(k, a) for a in (90, 80) for k in kernels]
     for r in rows:
         assert "error" not in r, r
         assert r["model"] == "tiny", r

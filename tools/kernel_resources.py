@@ -79,9 +79,12 @@ def _ptxas(ptx: str, arch: int) -> dict:
             "spill_loads": num(r"(\d+) bytes spill loads")}
 
 
+FWD_MODES = {"scores": 0, "loss": 1, "loss_stats": 2}  # pair_kernels.MODE_*: evaluation, no grad, training
+
+
 def compile_kernel(kind: str, shape: tuple[int, int, int], dtype_name: str, bt: int, warps: int,
-                   stages: int = 2, arch: int = 90) -> dict:
-    """Compile one specialisation; returns its resources (or the error)."""
+                   stages: int = 2, arch: int = 90, mode: str = "loss_stats") -> dict:
+    """Compile one specialisation (``mode``: which forward); returns its resources (or the error)."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -95,12 +98,14 @@ def compile_kernel(kind: str, shape: tuple[int, int, int], dtype_name: str, bt: 
     plan = make_plan(k, e, h, dtype)
     if kind == "fwd":
         fn = pk._pairs_fwd_kernel
-        constexprs = dict(plan.constexprs(), BT=bt, MODE=pk.MODE_LOSS_STATS)
+        constexprs = dict(plan.constexprs(), BT=bt, MODE=FWD_MODES[mode])
     else:
         fn = pk._pairs_bwd_image_kernel if kind == "bwd_image" else pk._pairs_bwd_text_kernel
         constexprs = dict(plan.bwd_constexprs(), BT=bt)
     ptr = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}[dtype_name]
     row = dict(kernel=kind, k=k, e=e, h=h, dtype=dtype_name, bt=bt, warps=warps, stages=stages, arch=arch)
+    if kind == "fwd":
+        row["mode"] = mode
     start = time.perf_counter()
     try:
         sig, attrs = _signature(fn, constexprs, ptr, ints=dict(n_tok=k, E=e))
@@ -114,7 +119,9 @@ def compile_kernel(kind: str, shape: tuple[int, int, int], dtype_name: str, bt: 
 
 
 def format_row(r: dict) -> str:
-    head = f"{r['kernel']:9s} K={r['k']:<3d} E={r['e']:<5d} H={r['h']:<2d} {r['dtype']:8s} BT={r['bt']:<3d} warps={r['warps']} stages={r['stages']}"
+    kind = r["kernel"] if r["kernel"] != "fwd" else f"fwd/{r['mode']}"
+    head = (f"sm_{r['arch']} {kind:14s} K={r['k']:<3d} E={r['e']:<5d} H={r['h']:<2d} {r['dtype']:8s} BT={r['bt']:<3d} "
+            f"warps={r['warps']} stages={r['stages']}")
     if "error" in r:
         return f"{head}  error: {r['error']}"
     return (f"{head}  regs={r['registers']:<3d} spill st/ld={r['spill_stores']}/{r['spill_loads']} B  "
@@ -153,7 +160,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--bt", nargs="+", type=int, default=[32, 64])
     p.add_argument("--warps", nargs="+", type=int, default=[4, 8])
     p.add_argument("--stages", nargs="+", type=int, default=[2])
-    p.add_argument("--arch", nargs="+", type=int, default=[90], help="compute capabilities, e.g. 90 (H100/H200) 80 (A100)")
+    p.add_argument("--fwd-modes", nargs="+", default=["loss_stats"], choices=sorted(FWD_MODES),
+                   help="forward specialisations (training: loss_stats; no grad: loss; evaluation: scores)")
+    p.add_argument("--arch", nargs="+", type=int, default=[90],
+                   help="compute capabilities, e.g. 90 (H100/H200) 80 (A100)")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -169,10 +179,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             jobs = [(kind, shape, bt, warps, stages, None) for shape in shapes for kind in args.kernels
                     for bt in args.bt for warps in args.warps for stages in args.stages]
         for kind, shape, bt, warps, stages, model in jobs:
-            row = compile_kernel(kind, shape, args.dtype, bt, warps, stages, arch=arch)
-            if model is not None:
-                row = dict(model=model, **row)
-            print(json.dumps(row) if args.json else format_row(row), flush=True)
+            for mode in args.fwd_modes if kind == "fwd" else ["-"]:
+                row = compile_kernel(kind, shape, args.dtype, bt, warps, stages, arch=arch, mode=mode)
+                if model is not None:
+                    row = dict(model=model, **row)
+                print(json.dumps(row) if args.json else format_row(row), flush=True)
     return 0
 
 
