@@ -22,9 +22,9 @@ nothing is atomic (gradients are bitwise repeatable):
 
 - image side, program (image i, head h, split of the texts, part): loops over text blocks and
   keeps in registers, for head h, dK (part 0: recomputes the weights and dA = dnum * P +
-  2 dsq * (G a), runs the softmax backward) or dV (part 1: needs only head h's weights), and
-  writes them once; part 2 adds dsq a a^T to dG's columns of head h (upper block triangle) in
-  global memory that only it touches;
+  2 dsq * (G a), runs the softmax backward, and adds dsq a a^T to dG's columns of head h, upper
+  block triangle, in global memory that only it touches) or dV (part 1: needs only head h's
+  weights), and writes them once;
 - text side, program (text block, head h, part): loops over the images in order and keeps dQ
   (part 0) or dU (part 1) of head h in registers, then adds them once to the fp32 accumulators.
 
@@ -219,20 +219,33 @@ def _score_grads(Scale, Bias, GradScale, Cos, Nrm, img, rows, row_mask, offset, 
 
 
 @triton.jit
-def _pair_grads(Q, U, k_ptr, v_ptr, g_ptr, rows, row_mask, h, dnum, dsq, n_tok, E, scale_log2,
-                inv_tau, H: tl.constexpr, NC: tl.constexpr, NBK: tl.constexpr, D: tl.constexpr,
-                BD: tl.constexpr, KC: tl.constexpr, BT: tl.constexpr, EVEN_D: tl.constexpr,
-                PREC: tl.constexpr):
+def _pair_grads(Q, U, k_ptr, v_ptr, g_ptr, dg_ptr, rows, row_mask, h, dnum, dsq, n_tok, E, scale_log2, inv_tau,
+                H: tl.constexpr, NC: tl.constexpr, NBK: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                KC: tl.constexpr, BT: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
+                WITH_DG: tl.constexpr):
     """For one image, a block of texts and one head h: the gradient of the logits <q, key>
     (1/tau folded in), a tuple of NC fp32 [BT, KC].
 
     dA = dnum * P + 2 dsq * (G a) needs the weights of every head (G couples them through W_o):
-    they are recomputed one head at a time, so only one head's weights are live at once."""
+    they are recomputed one head at a time, so only one head's weights are live at once.
+    If WITH_DG, the same loop also adds dsq a a^T to dG's columns of head h, upper block
+    triangle only (row blocks of heads h2 <= h; blocks above the diagonal doubled, which is all
+    the symmetric backward of G = V' V'^T needs). The caller owns those columns, so it reads,
+    adds and writes them back."""
     dt = Q.dtype.element_ty
-    own = _head_weights(Q, k_ptr, rows, row_mask, h, n_tok, E, scale_log2, NC, D, BD, KC, BT, EVEN_D, PREC)
+    r = tl.arange(0, KC)
     ga = ()  # (G a) on the blocks of head h
     for c in tl.static_range(NC):
         ga = ga + (tl.zeros([BT, KC], dtype=tl.float32),)
+    if WITH_DG:  # dG needs head h's weights before the loop
+        own = _head_weights(Q, k_ptr, rows, row_mask, h, n_tok, E, scale_log2, NC, D, BD, KC, BT, EVEN_D, PREC)
+        own_dsq = ()
+        for c in tl.static_range(NC):
+            own_dsq = own_dsq + ((dsq[:, None] * own[c]).to(dt),)
+        # The previous text block's writes to dG become visible to every thread of the program.
+        tl.debug_barrier()
+    else:  # head h's weights are taken from the loop
+        own = ga
     for h2 in range(0, E // D):  # E // D = H as a runtime bound: never unrolled, so compiles stay short
         other = _head_weights(Q, k_ptr, rows, row_mask, h2, n_tok, E, scale_log2, NC, D, BD, KC, BT, EVEN_D,
                               PREC)
@@ -244,6 +257,27 @@ def _pair_grads(Q, U, k_ptr, v_ptr, g_ptr, rows, row_mask, h, dnum, dsq, n_tok, 
                              input_precision=PREC)
             new_ga = new_ga + (acc,)
         ga = new_ga
+        if WITH_DG:
+            if h2 <= h:
+                lower = h2 < h
+                for c in tl.static_range(NC):
+                    for c2 in tl.static_range(NC):
+                        blk = tl.dot(tl.trans(other[c2].to(dt)), own_dsq[c], input_precision=PREC)
+                        ptrs = (dg_ptr + ((h2 * NC + c2) * KC + r)[:, None] * NBK
+                                + ((h * NC + c) * KC + r)[None, :])
+                        if c2 < c:
+                            tl.store(ptrs, tl.load(ptrs) + 2.0 * blk)
+                        elif c2 == c:
+                            tl.store(ptrs, tl.load(ptrs) + tl.where(lower, 2.0, 1.0) * blk)
+                        else:  # below the diagonal within head h: only for the earlier heads
+                            keep = (tl.zeros([KC, KC], dtype=tl.int32) + h2) < h
+                            tl.store(ptrs, tl.load(ptrs, mask=keep, other=0.0) + 2.0 * blk, mask=keep)
+        else:
+            mine = h2 == h
+            new_own = ()
+            for c in tl.static_range(NC):
+                new_own = new_own + (tl.where(mine, other[c], own[c]),)
+            own = new_own
     d_attn = ()
     row_dot = tl.zeros([BT], dtype=tl.float32)
     for c in tl.static_range(NC):
@@ -258,51 +292,13 @@ def _pair_grads(Q, U, k_ptr, v_ptr, g_ptr, rows, row_mask, h, dnum, dsq, n_tok, 
 
 
 @triton.jit
-def _gram_grads(Q, k_ptr, dg_ptr, Scale, Bias, GradScale, Cos, Nrm, img, h, t_start, t_end, n_tok, E, offset,
-                scale_log2, stat_stride, NC: tl.constexpr, NBK: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                KC: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
-    """dG += sum_j dsq a a^T over the texts [t_start, t_end), for dG's columns of head h and the
-    upper block triangle only (row blocks of heads h2 <= h; blocks above the diagonal doubled,
-    which is all the symmetric backward of G = V' V'^T needs). The program owns those columns,
-    so it reads, adds and writes them back; a [K, K] block at a time is live."""
-    dt = Q.dtype.element_ty
-    r = tl.arange(0, KC)
-    for t0 in range(t_start, t_end, BT):
-        rows = t0 + tl.arange(0, BT)
-        row_mask = rows < t_end
-        dnum, dsq = _score_grads(Scale, Bias, GradScale, Cos, Nrm, img, rows, row_mask, offset, stat_stride)
-        own = _head_weights(Q, k_ptr, rows, row_mask, h, n_tok, E, scale_log2, NC, D, BD, KC, BT, EVEN_D, PREC)
-        own_dsq = ()
-        for c in tl.static_range(NC):
-            own_dsq = own_dsq + ((dsq[:, None] * own[c]).to(dt),)
-        # The barrier makes the previous text block's writes visible to every thread of the
-        # program before they are read back.
-        tl.debug_barrier()
-        for h2 in range(0, h + 1):
-            other = _head_weights(Q, k_ptr, rows, row_mask, h2, n_tok, E, scale_log2, NC, D, BD, KC, BT, EVEN_D,
-                                  PREC)
-            lower = h2 < h
-            for c in tl.static_range(NC):
-                for c2 in tl.static_range(NC):
-                    blk = tl.dot(tl.trans(other[c2].to(dt)), own_dsq[c], input_precision=PREC)
-                    ptrs = dg_ptr + ((h2 * NC + c2) * KC + r)[:, None] * NBK + ((h * NC + c) * KC + r)[None, :]
-                    if c2 < c:
-                        tl.store(ptrs, tl.load(ptrs) + 2.0 * blk)
-                    elif c2 == c:
-                        tl.store(ptrs, tl.load(ptrs) + tl.where(lower, 2.0, 1.0) * blk)
-                    else:  # below the diagonal within head h: only for the earlier heads
-                        keep = (tl.zeros([KC, KC], dtype=tl.int32) + h2) < h
-                        tl.store(ptrs, tl.load(ptrs, mask=keep, other=0.0) + 2.0 * blk, mask=keep)
-
-
-@triton.jit
-def _image_side(Q, U, k_ptr, v_ptr, g_ptr, Scale, Bias, GradScale, Cos, Nrm, img, h, t_start, t_end,
+def _image_side(Q, U, k_ptr, v_ptr, g_ptr, dg_ptr, Scale, Bias, GradScale, Cos, Nrm, img, h, t_start, t_end,
                 n_tok, E, offset, scale_log2, inv_tau, stat_stride,
                 H: tl.constexpr, NC: tl.constexpr, NBK: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                 ND: tl.constexpr, KC: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
                 VALUES: tl.constexpr):
     """Loops over the texts [t_start, t_end) in blocks of BT; returns dK (or, if VALUES, dV) of
-    head h for this image as a tuple of NC * ND fp32 [KC, BD] tiles.
+    head h for this image as a tuple of NC * ND fp32 [KC, BD] tiles; dK also adds to dG.
     dV = sum_j dnum a^T U needs only head h's own weights, so it runs apart from the coupled dK
     (one set of accumulators live at a time)."""
     dt = Q.dtype.element_ty
@@ -320,8 +316,8 @@ def _image_side(Q, U, k_ptr, v_ptr, g_ptr, Scale, Bias, GradScale, Cos, Nrm, img
                 grads = grads + (own[c] * dnum[:, None],)
             src = U
         else:
-            grads = _pair_grads(Q, U, k_ptr, v_ptr, g_ptr, rows, row_mask, h, dnum, dsq, n_tok, E,
-                                scale_log2, inv_tau, H, NC, NBK, D, BD, KC, BT, EVEN_D, PREC)
+            grads = _pair_grads(Q, U, k_ptr, v_ptr, g_ptr, dg_ptr, rows, row_mask, h, dnum, dsq, n_tok, E,
+                                scale_log2, inv_tau, H, NC, NBK, D, BD, KC, BT, EVEN_D, PREC, True)
             src = Q
         new = ()
         for c in tl.static_range(NC):
@@ -351,16 +347,15 @@ def _pairs_bwd_image_kernel(Q, U, Kx, V, G, Scale, Bias, GradScale, Cos, Nrm, dK
                             H: tl.constexpr, NC: tl.constexpr, NBK: tl.constexpr, D: tl.constexpr,
                             BD: tl.constexpr, ND: tl.constexpr, KC: tl.constexpr, EVEN_D: tl.constexpr,
                             PREC: tl.constexpr, BT: tl.constexpr):
-    """Image side: program (image, head h, 3 * split s + part) loops over the texts of split s
-    in blocks of BT. For head h, part 0 keeps dK in registers, part 1 dV, and both write them
-    once; part 2 adds to dG's columns of head h in global memory that only it touches. Each split
-    writes its own partial slice ([S, n_img, ...]); the caller sums them in a fixed order, so
-    nothing is atomic. The parts are one launch; a runtime branch keeps only one part's
+    """Image side: program (image, head h, 2 * split s + part) loops over the texts of split s
+    in blocks of BT and keeps, for head h, dK (part 0, which also adds to dG's columns of head h
+    in global memory only it touches) or dV (part 1) in registers, then writes them once. Each
+    split writes its own partial slice ([S, n_img, ...]); the caller sums them in a fixed order,
+    so nothing is atomic. The parts are one launch; a runtime branch keeps only one part's
     registers live."""
     img = tl.program_id(0)
     h = tl.program_id(1)
-    split = tl.program_id(2) // 3
-    part = tl.program_id(2) % 3
+    split = tl.program_id(2) // 2
     img64 = tl.cast(img, tl.int64)
     k_ptr = Kx + img64 * n_tok * E
     v_ptr = V + img64 * n_tok * E
@@ -368,19 +363,16 @@ def _pairs_bwd_image_kernel(Q, U, Kx, V, G, Scale, Bias, GradScale, Cos, Nrm, dK
     out64 = tl.cast(split, tl.int64) * n_img + img64
     t_start = split * split_texts
     t_end = tl.minimum(n_txt, t_start + split_texts)
-    if part == 0:
-        acc = _image_side(Q, U, k_ptr, v_ptr, g_ptr, Scale, Bias, GradScale, Cos, Nrm,
+    if tl.program_id(2) % 2 == 0:
+        acc = _image_side(Q, U, k_ptr, v_ptr, g_ptr, dG + out64 * NBK * NBK, Scale, Bias, GradScale, Cos, Nrm,
                           img, h, t_start, t_end, n_tok, E, offset, scale_log2, inv_tau, stat_stride,
                           H, NC, NBK, D, BD, ND, KC, EVEN_D, PREC, BT, False)
         _store_image_side(dK + out64 * n_tok * E, acc, h, n_tok, E, NC, D, BD, ND, KC)
-    elif part == 1:
-        acc = _image_side(Q, U, k_ptr, v_ptr, g_ptr, Scale, Bias, GradScale, Cos, Nrm,
+    else:
+        acc = _image_side(Q, U, k_ptr, v_ptr, g_ptr, g_ptr, Scale, Bias, GradScale, Cos, Nrm,
                           img, h, t_start, t_end, n_tok, E, offset, scale_log2, inv_tau, stat_stride,
                           H, NC, NBK, D, BD, ND, KC, EVEN_D, PREC, BT, True)
         _store_image_side(dV + out64 * n_tok * E, acc, h, n_tok, E, NC, D, BD, ND, KC)
-    else:
-        _gram_grads(Q, k_ptr, dG + out64 * NBK * NBK, Scale, Bias, GradScale, Cos, Nrm, img, h, t_start, t_end,
-                    n_tok, E, offset, scale_log2, stat_stride, NC, NBK, D, BD, KC, EVEN_D, PREC, BT)
 
 
 @triton.jit
@@ -409,8 +401,8 @@ def _text_side(Q, U, Kx, V, G, Scale, Bias, GradScale, Cos, Nrm, rows, row_mask,
             src = v_ptr
         else:
             g_ptr = G + img64 * NBK * NBK
-            grads = _pair_grads(Q, U, k_ptr, v_ptr, g_ptr, rows, row_mask, h, dnum, dsq, n_tok, E,
-                                scale_log2, inv_tau, H, NC, NBK, D, BD, KC, BT, EVEN_D, PREC)
+            grads = _pair_grads(Q, U, k_ptr, v_ptr, g_ptr, g_ptr, rows, row_mask, h, dnum, dsq, n_tok, E,
+                                scale_log2, inv_tau, H, NC, NBK, D, BD, KC, BT, EVEN_D, PREC, False)
             src = k_ptr
         new = ()
         for j in tl.static_range(ND):
