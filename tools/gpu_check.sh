@@ -45,7 +45,7 @@ say "device: $DEVICE"
 unset TRITON_INTERPRET
 
 say "tests (GPU): tests/test_kernel_gpu.py tests/test_kernel_pairs.py"
-timeout "$(limit 200 200)" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernel_gpu.py tests/test_kernel_pairs.py \
+timeout "$(limit 240 190)" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernel_gpu.py tests/test_kernel_pairs.py \
     --junitxml "$OUT/tests.xml" > "$OUT/tests.txt" 2>&1
 TESTS_RC=$?
 say "tests exit code $TESTS_RC (tail of $OUT/tests.txt:)"
