@@ -30,7 +30,9 @@ def test_every_head_trains_forward_backward(kind):
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, f"parameters without gradient: {missing}"
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    # Adam moves every parameter by about lr per step whatever its gradient's scale; plain SGD
+    # with a large step overshoots on the logit bias (its gradient is ~1 per positive pair).
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(5):  # a few steps on one batch must lower the loss
         opt.step()
         opt.zero_grad()

@@ -14,7 +14,9 @@ the image's values mixed with uniform weights, or with one given query, see
 :func:`mix_tokens`), for kNN, linear probes or image-to-image search.
 
 Parameters are only read inside the forward of the module that owns them, so the model works
-under DeepSpeed ZeRO-3, which gathers a module's parameters just for its own forward.
+under DeepSpeed ZeRO-3, which gathers a module's parameters just for its own forward; and each
+module draws its initial values in its own constructor, as ZeRO-3's ``zero.Init`` partitions a
+module's parameters when its constructor returns (see :mod:`llip_scale.model.transformer`).
 Distributed training passes ``gather`` (an all-gather with gradient) and the positive
 ``offset``; this module never imports torch.distributed.
 """
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 
 from llip_scale.model.config import ModelConfig
 from llip_scale.model.text import TextTransformer
+from llip_scale.model.transformer import Linear
 from llip_scale.model.vision import VisionTransformer
 from llip_scale.pairs import clip_loss, pair_loss, pair_scores, sigmoid_loss
 
@@ -116,8 +119,7 @@ class PooledHead(nn.Module):
         if cfg.head.pool_proj == "per_token":
             self.proj = nn.Parameter(w ** -0.5 * torch.randn(cfg.vision.num_outputs, w, e))  # [K, width, E]
         else:
-            self.proj = nn.Linear(w, e, bias=False)
-            nn.init.normal_(self.proj.weight, std=w ** -0.5)
+            self.proj = Linear(w, e, bias=False, weight=w ** -0.5)
         self.logit_scale = nn.Parameter(torch.tensor(cfg.head.logit_scale_init()))
         # InfoNCE is shift-invariant per row: CLIP has no bias to learn.
         self.logit_bias = None if self.kind == "clip" else nn.Parameter(torch.tensor(cfg.head.init_logit_bias))
@@ -151,13 +153,11 @@ class ContrastiveModel(nn.Module):
         e, tw = cfg.head.embed_dim, cfg.text.width
         self.visual = VisionTransformer(cfg.vision)
         self.text = TextTransformer(cfg.text)
-        self.text_projection = nn.Linear(tw, e, bias=False)  # W_text: the targets t
-        nn.init.normal_(self.text_projection.weight, std=tw ** -0.5)
+        self.text_projection = Linear(tw, e, bias=False, weight=tw ** -0.5)  # W_text: the targets t
         self.is_llip = cfg.head.kind == "llip"
         if self.is_llip:
             self.image_proj = LlipImageProjection(cfg.vision.num_outputs, cfg.vision.width, e, cfg.head.use_norm)
-            self.q_proj = nn.Linear(tw, e, bias=False)  # W_q: the queries
-            nn.init.normal_(self.q_proj.weight, std=tw ** -0.5)
+            self.q_proj = Linear(tw, e, bias=False, weight=tw ** -0.5)  # W_q: the queries
             self.q_norm = _norm(e, cfg.head.use_norm)
             self.head = LlipPairHead(cfg, backend, chunk_size)
         else:
