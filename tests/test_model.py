@@ -66,6 +66,18 @@ def test_logit_init():
     assert build_model(model_config("tiny", kind="siglip")).head.logit_scale.item() == pytest.approx(math.log(10))
 
 
+@pytest.mark.parametrize("kind", ["llip", "siglip", "clip"])
+def test_no_parameter_is_0dim(kind):
+    """DeepSpeed broadcasts and partitions parameters through a flat byte view
+    (``param.data.view(torch.uint8)``), which fails on a 0-dim tensor: the logit scale and bias
+    are [1]."""
+    model = build_model(model_config("tiny", kind=kind))
+    assert [n for n, p in model.named_parameters() if p.dim() == 0] == []
+    assert model.head.logit_scale.shape == (1,)
+    with pytest.raises(RuntimeError, match="cannot be 0"):
+        torch.zeros(()).view(torch.uint8)  # what a 0-dim parameter would meet
+
+
 def test_text_is_pooled_at_first_eot_and_causal():
     cfg = model_config("tiny")
     model = build_model(cfg).eval()

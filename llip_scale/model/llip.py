@@ -46,6 +46,21 @@ def _norm(dim: int, on: bool) -> nn.Module:
     return nn.LayerNorm(dim) if on else nn.Identity()
 
 
+def _logit_parameter(value: float) -> nn.Parameter:
+    """The logit scale or bias, shape [1]: DeepSpeed broadcasts and partitions parameters through
+    a flat byte view, which a 0-dim tensor cannot take. The losses take it as ``param[0]``."""
+    return nn.Parameter(torch.full((1,), float(value)))
+
+
+def _read_0dim_logits(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """Load-state-dict pre-hook: exports and checkpoints written while the logit scale and bias
+    were 0-dim tensors hold them as such; read those as the [1] tensors they are now."""
+    for name in ("logit_scale", "logit_bias"):
+        value = state_dict.get(prefix + name)
+        if isinstance(value, Tensor) and value.dim() == 0:
+            state_dict[prefix + name] = value.reshape(1)
+
+
 class LlipImageProjection(nn.Module):
     """Per-token projections: key[b, k] = s[b, k] @ W_k[k], value[b, k] = s[b, k] @ W_v[k]."""
 
@@ -89,8 +104,9 @@ class LlipPairHead(nn.Module):
         self.num_heads, self.tau = cfg.head.num_heads, cfg.head.tau
         self.backend, self.chunk_size = backend, chunk_size
         self.out_proj = nn.Parameter(e ** -0.5 * torch.randn(e, e))  # W_o, applied as mixed @ W_o
-        self.logit_scale = nn.Parameter(torch.tensor(cfg.head.logit_scale_init()))
-        self.logit_bias = nn.Parameter(torch.tensor(cfg.head.init_logit_bias))
+        self.logit_scale = _logit_parameter(cfg.head.logit_scale_init())  # [1]
+        self.logit_bias = _logit_parameter(cfg.head.init_logit_bias)  # [1]
+        self.register_load_state_dict_pre_hook(_read_0dim_logits)
 
     def forward(self, keys: Tensor, values: Tensor, queries: Optional[Tensor], targets: Optional[Tensor], *,
                 offset: int = 0, normalizer: Optional[float] = None, scores: bool = False,
@@ -99,7 +115,7 @@ class LlipPairHead(nn.Module):
             return mix_tokens(keys, values, self.out_proj.to(keys.dtype), queries, self.num_heads, tau or self.tau)
         kw = dict(num_heads=self.num_heads, tau=tau or self.tau, backend=self.backend,
                   chunk_size=self.chunk_size)
-        args = (keys, values, self.out_proj.to(keys.dtype), queries, targets, self.logit_scale, self.logit_bias)
+        args = (keys, values, self.out_proj.to(keys.dtype), queries, targets, self.logit_scale[0], self.logit_bias[0])
         if scores:
             return pair_scores(*args, **kw)
         return pair_loss(*args, offset=offset, normalizer=normalizer, **kw)
@@ -120,9 +136,10 @@ class PooledHead(nn.Module):
             self.proj = nn.Parameter(w ** -0.5 * torch.randn(cfg.vision.num_outputs, w, e))  # [K, width, E]
         else:
             self.proj = Linear(w, e, bias=False, weight=w ** -0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(cfg.head.logit_scale_init()))
+        self.logit_scale = _logit_parameter(cfg.head.logit_scale_init())  # [1]
         # InfoNCE is shift-invariant per row: CLIP has no bias to learn.
-        self.logit_bias = None if self.kind == "clip" else nn.Parameter(torch.tensor(cfg.head.init_logit_bias))
+        self.logit_bias = None if self.kind == "clip" else _logit_parameter(cfg.head.init_logit_bias)
+        self.register_load_state_dict_pre_hook(_read_0dim_logits)
 
     def pool(self, s: Tensor) -> Tensor:
         if isinstance(self.proj, nn.Linear):
@@ -135,13 +152,13 @@ class PooledHead(nn.Module):
 
     def forward(self, images: Tensor, texts: Tensor, all_images: Optional[Tensor], all_texts: Tensor, *,
                 offset: int = 0, normalizer: Optional[float] = None, scores: bool = False) -> Tensor:
+        scale = self.logit_scale[0]
         if scores:
-            s = self.logit_scale.exp() * images @ texts.t()
-            return s if self.logit_bias is None else s + self.logit_bias
+            s = scale.exp() * images @ texts.t()
+            return s if self.logit_bias is None else s + self.logit_bias[0]
         if self.kind == "clip":
-            return clip_loss(images, texts, all_images, all_texts, self.logit_scale, offset=offset)
-        return sigmoid_loss(images, all_texts, self.logit_scale, self.logit_bias, offset=offset,
-                            normalizer=normalizer)
+            return clip_loss(images, texts, all_images, all_texts, scale, offset=offset)
+        return sigmoid_loss(images, all_texts, scale, self.logit_bias[0], offset=offset, normalizer=normalizer)
 
 
 class ContrastiveModel(nn.Module):
