@@ -274,6 +274,22 @@ def load_engine(engine: Engine, root: Path, tag: str) -> None:
         raise RuntimeError(f"DeepSpeed could not load {root / tag}")
 
 
+def zero_dim_parameters(checkpoint_dir: Path) -> list[str]:
+    """Names of the parameters a checkpoint folder stores as 0-dim tensors, from its first model
+    states file: the shapes ZeRO records, or the module's own tensors at stage 0. Checkpoints
+    written while the logit scale and bias were 0-dim hold them so; [] when there is no such file."""
+    files = sorted(Path(checkpoint_dir).glob("*model_states.pt"))
+    if not files:
+        return []
+    state = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+    shapes: dict[str, Any] = {}
+    for group in state.get("param_shapes") or []:  # ZeRO: one {name: shape} per parameter group
+        shapes.update(group)
+    if not shapes:
+        shapes = {name: t.shape for name, t in (state.get("module") or {}).items()}
+    return sorted(name for name, shape in shapes.items() if len(shape) == 0)
+
+
 def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, Tensor]:
     """Full fp32 weights from a checkpoint folder of any ZeRO stage (offline, one process)."""
     checkpoint_dir = Path(checkpoint_dir)
