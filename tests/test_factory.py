@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
+from safetensors.torch import save_file
 
 import llip_scale
 from llip_scale.config import ConfigError
@@ -58,8 +59,6 @@ def sp_model(tmp_path_factory):
 
 def _export(model, folder, tokenizer=None):
     """A folder as tools/export_checkpoint.py writes one: weights, model config, inference.yaml."""
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), str(folder / "model.safetensors"))
     (folder / "config.yaml").write_text(yaml.safe_dump({"model": dataclasses.asdict(model.cfg)}))
@@ -148,8 +147,6 @@ def test_an_export_folder_alone_loads_in_three_lines(tmp_path, sp_model):
 def test_an_export_with_0dim_logit_parameters_still_loads(tmp_path, kind):
     """Exports written while the logit scale and bias were 0-dim tensors load (as [1]) through
     load_pretrained and create_model, and score as the model they were exported from."""
-    from safetensors.torch import save_file
-
     original = _small_model(kind)
     with torch.no_grad():
         original.head.logit_scale.fill_(1.5)
