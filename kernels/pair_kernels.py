@@ -1,9 +1,10 @@
 """Triton kernels of the fused pair head: forward (scores or loss) and backward.
 
-One program owns one tile: one image ``i`` against a block of ``BT`` texts. Per tile and per head
-``h`` the mixing is ordinary attention with the texts as queries and the K mixture tokens as keys,
-so the whole softmax over K fits in the tile and nothing per pair ever reaches global memory
-except, when training, two fp32 scalars (cos and ||z||) that the backward turns into dL/ds.
+In the forward, one program owns one tile: one image ``i`` against a block of ``BT`` texts. Per
+tile and per head ``h`` the mixing is ordinary attention with the texts as queries and the K
+mixture tokens as keys, so the whole softmax over K fits in the tile and nothing per pair ever
+reaches global memory except, when training, two fp32 scalars (cos and ||z||) that the backward
+turns into dL/ds.
 
 Per tile, with a_b the attention weights of token block b (a head, or a KC-wide slice of a head
 when K > KC) held in registers as a tuple of [BT, KC] tensors:
@@ -14,11 +15,25 @@ when K > KC) held in registers as a tuple of [BT, KC] tensors:
                                                folded with W_o)    -> ||z_ij||^2       (pass 2)
     s         = exp(logit_scale) * num / ||z|| + logit_bias,  loss = softplus(-y s)
 
-G_i is symmetric, so the forward only visits the blocks b' <= b (half the products). The
-backward recomputes pass 1, forms dA = dnum * P + 2 dsq * (G a), runs the per-head softmax
-backward and adds its contributions with fp32 atomics: queries and U (text side), keys, values and
-the upper block triangle of dG (image side). Per-image (G) and per-text (U) tensors are built and
-differentiated in PyTorch by ``llip_scale.kernels.pairs``.
+G_i is symmetric, so the forward only visits the blocks b' <= b (half the products).
+
+The backward is split the way flash-attention's is, so that every output has one owner and
+nothing is atomic (gradients are bitwise repeatable):
+
+- image side, program (image i, head h, split of the texts, part): loops over text blocks and
+  keeps in registers, for head h, dK (part 0: recomputes the weights and dA = dnum * P +
+  2 dsq * (G a), runs the softmax backward, and adds dsq a a^T to dG's columns of head h, upper
+  block triangle, in global memory that only it touches) or dV (part 1: needs only head h's
+  weights), and writes them once;
+- text side, program (text block, head h, part): loops over the images in order and keeps dQ
+  (part 0) or dU (part 1) of head h in registers, then adds them once to the fp32 accumulators.
+
+G couples the heads (W_o mixes them), so (G a) for head h needs every head's weights: the dK and
+dQ parts recompute them one head at a time in a runtime loop, which keeps one head's [BT, K]
+weights live (no spills) and the code small (the backward compiles in seconds at any H x K).
+The price is compute: each of those programs recomputes the logits of all H heads. dL/ds comes
+from the two scalars per pair (cos, ||z||) saved by the forward. Per-image (G) and per-text (U)
+tensors are built and differentiated in PyTorch by ``llip_scale.kernels.pairs``.
 
 Block sizes are powers of two with masks: BT texts per tile, KC tokens per block (K padded to a
 multiple of KC in the layout of G only), BD head dims per step of the reduction over d (the
@@ -33,6 +48,9 @@ import triton.language as tl
 MODE_SCORES = 0  # write s [Bi, Bt]
 MODE_LOSS = 1  # write the loss sum of each tile
 MODE_LOSS_STATS = 2  # ... and cos, ||z|| per pair for the backward
+# The same values as the kernels see them (a @jit function reads only constexpr globals).
+_SCORES = tl.constexpr(MODE_SCORES)
+_LOSS_STATS = tl.constexpr(MODE_LOSS_STATS)
 MIN_BT = 16  # the smallest text block: partial-sum buffers are laid out for it
 EPS = tl.constexpr(1e-12)  # F.normalize's floor on ||z||
 
@@ -118,7 +136,7 @@ def _gram_block(g_ptr, row_block, col_block, NBK: tl.constexpr, KC: tl.constexpr
 
 # Sizes that change between calls are not specialised on (their divisibility), so that one
 # compiled kernel serves every batch size of a model; E and K stay specialised.
-_DYNAMIC = ["n_img", "n_txt", "offset", "out_stride", "stat_stride"]
+_DYNAMIC = ["n_img", "n_txt", "offset", "out_stride", "stat_stride", "split_texts"]
 
 
 @triton.jit(do_not_specialize=_DYNAMIC)
@@ -130,7 +148,7 @@ def _pairs_fwd_kernel(Q, U, Kx, V, G, Scale, Bias, Out, Cos, Nrm,
     img, tb = _tile(n_img, n_txt, BT, GROUP)
     rows = tb * BT + tl.arange(0, BT)
     row_mask = rows < n_txt
-    img64 = img.to(tl.int64)
+    img64 = tl.cast(img, tl.int64)
     k_ptr = Kx + img64 * n_tok * E
     v_ptr = V + img64 * n_tok * E
     g_ptr = G + img64 * NBK * NBK
@@ -149,105 +167,289 @@ def _pairs_fwd_kernel(Q, U, Kx, V, G, Scale, Bias, Out, Cos, Nrm,
     norm = tl.sqrt(tl.maximum(sq, 0.0))
     cos = num / tl.maximum(norm, EPS)
     s = tl.exp(tl.load(Scale).to(tl.float32)) * cos + tl.load(Bias).to(tl.float32)
-    if MODE == 0:
+    if MODE == _SCORES:
         tl.store(Out + img64 * stat_stride + rows, s, mask=row_mask)
     else:
         # softplus(-y s): y = +1 only at column offset + image (positives from the index).
         x = tl.where(rows == offset + img, -s, s)
         sp = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
         tl.store(Out + img64 * out_stride + tb, tl.sum(tl.where(row_mask, sp, 0.0), 0))
-        if MODE == 2:
+        if MODE == _LOSS_STATS:
             tl.store(Cos + img64 * stat_stride + rows, cos, mask=row_mask)
             tl.store(Nrm + img64 * stat_stride + rows, norm, mask=row_mask)
 
 
-@triton.jit(do_not_specialize=_DYNAMIC)
-def _pairs_bwd_kernel(Q, U, Kx, V, G, Scale, Bias, GradScale, Cos, Nrm,
-                      dQ, dU, dK, dV, dG, dSB,
-                      n_img, n_txt, n_tok, E, offset, scale_log2, inv_tau, out_stride, stat_stride,
-                      H: tl.constexpr, NC: tl.constexpr, NB: tl.constexpr, NBK: tl.constexpr,
-                      D: tl.constexpr, BD: tl.constexpr, KC: tl.constexpr, EVEN_D: tl.constexpr,
-                      PREC: tl.constexpr, GROUP: tl.constexpr, BT: tl.constexpr):
-    img, tb = _tile(n_img, n_txt, BT, GROUP)
-    rows = tb * BT + tl.arange(0, BT)
-    row_mask = rows < n_txt
-    img64 = img.to(tl.int64)
-    k_ptr = Kx + img64 * n_tok * E
-    v_ptr = V + img64 * n_tok * E
-    g_ptr = G + img64 * NBK * NBK
-    dk_ptr = dK + img64 * n_tok * E
-    dv_ptr = dV + img64 * n_tok * E
-    dg_ptr = dG + img64 * NBK * NBK
-    dt = Q.dtype.element_ty
+@triton.jit
+def _head_weights(q_ptr, k_ptr, rows, row_mask, h, n_tok, E, scale_log2,
+                  NC: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KC: tl.constexpr, BT: tl.constexpr,
+                  EVEN_D: tl.constexpr, PREC: tl.constexpr):
+    """The attention weights of one head ``h`` (a runtime index): a tuple of NC fp32 [BT, KC]."""
+    logits = ()
+    row_max = tl.full([BT], float("-inf"), tl.float32)
+    for c in tl.static_range(NC):
+        lg = _block_dots(q_ptr, k_ptr, rows, row_mask, h, c, n_tok, E, D, BD, KC, BT, EVEN_D, PREC)
+        toks = c * KC + tl.arange(0, KC)
+        lg = tl.where((toks < n_tok)[None, :], lg * scale_log2, float("-inf"))
+        row_max = tl.maximum(row_max, tl.max(lg, 1))
+        logits = logits + (lg,)
+    total = tl.zeros([BT], dtype=tl.float32)
+    exps = ()
+    for c in tl.static_range(NC):
+        ex = tl.exp2(logits[c] - row_max[:, None])
+        total += tl.sum(ex, 1)
+        exps = exps + (ex,)
+    inv_total = 1.0 / total
+    weights = ()
+    for c in tl.static_range(NC):
+        weights = weights + (exps[c] * inv_total[:, None],)
+    return weights
 
-    # dL/ds from the saved (cos, ||z||): sigmoid(s) - [positive], times dL/dloss / normalizer.
+
+@triton.jit
+def _score_grads(Scale, Bias, GradScale, Cos, Nrm, img, rows, row_mask, offset, stat_stride):
+    """(dL/dnum, dL/dsq) per text of one image, from the (cos, ||z||) saved by the forward:
+    dL/ds = sigmoid(s) - [positive], times dL/dloss / normalizer; zero on masked texts."""
+    img64 = tl.cast(img, tl.int64)
     cos = tl.load(Cos + img64 * stat_stride + rows, mask=row_mask, other=0.0)
     norm = tl.load(Nrm + img64 * stat_stride + rows, mask=row_mask, other=1.0)
     scale = tl.exp(tl.load(Scale).to(tl.float32))
     s = scale * cos + tl.load(Bias).to(tl.float32)
     g = tl.sigmoid(s) - tl.where(rows == offset + img, 1.0, 0.0)
-    g = tl.where(row_mask, g * tl.load(GradScale), 0.0)
-    tl.store(dSB + (img64 * out_stride + tb) * 2, tl.sum(g * scale * cos, 0))
-    tl.store(dSB + (img64 * out_stride + tb) * 2 + 1, tl.sum(g, 0))
-    dcos = g * scale
+    dcos = tl.where(row_mask, g * tl.load(GradScale), 0.0) * scale
     dnum = dcos / tl.maximum(norm, EPS)  # cos = num / ||z||
     dsq = tl.where(norm > EPS, -0.5 * dcos * cos / (norm * norm), 0.0)  # ||z|| = sqrt(sq)
+    return dnum, dsq
 
-    blocks, num = _attention(Q, k_ptr, U, v_ptr, rows, row_mask, n_tok, E, scale_log2,
-                             H, NC, D, BD, KC, BT, EVEN_D, PREC, False)
+
+@triton.jit
+def _pair_grads(Q, U, k_ptr, v_ptr, g_ptr, dg_ptr, rows, row_mask, h, dnum, dsq, n_tok, E, scale_log2, inv_tau,
+                H: tl.constexpr, NC: tl.constexpr, NBK: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                KC: tl.constexpr, BT: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
+                WITH_DG: tl.constexpr):
+    """For one image, a block of texts and one head h: the gradient of the logits <q, key>
+    (1/tau folded in), a tuple of NC fp32 [BT, KC].
+
+    dA = dnum * P + 2 dsq * (G a) needs the weights of every head (G couples them through W_o):
+    they are recomputed one head at a time, so only one head's weights are live at once.
+    If WITH_DG, the same loop also adds dsq a a^T to dG's columns of head h, upper block
+    triangle only (row blocks of heads h2 <= h; blocks above the diagonal doubled, which is all
+    the symmetric backward of G = V' V'^T needs). The caller owns those columns, so it reads,
+    adds and writes them back."""
+    dt = Q.dtype.element_ty
     r = tl.arange(0, KC)
-    for h in tl.static_range(H):
-        # dA = dnum * P + 2 dsq * (G a), then the softmax backward over the K tokens of head h.
-        d_attn = ()
-        row_dot = tl.zeros([BT], dtype=tl.float32)
+    ga = ()  # (G a) on the blocks of head h
+    for c in tl.static_range(NC):
+        ga = ga + (tl.zeros([BT, KC], dtype=tl.float32),)
+    if WITH_DG:  # dG needs head h's weights before the loop
+        own = _head_weights(Q, k_ptr, rows, row_mask, h, n_tok, E, scale_log2, NC, D, BD, KC, BT, EVEN_D, PREC)
+        own_dsq = ()
         for c in tl.static_range(NC):
-            y = tl.zeros([BT, KC], dtype=tl.float32)
-            for b2 in tl.static_range(NB):
-                y = tl.dot(blocks[b2], _gram_block(g_ptr, b2, h * NC + c, NBK, KC), y, input_precision=PREC)
-            p = _block_dots(U, v_ptr, rows, row_mask, h, c, n_tok, E, D, BD, KC, BT, EVEN_D, PREC)
-            da = dnum[:, None] * p + 2.0 * dsq[:, None] * y
-            row_dot += tl.sum(blocks[h * NC + c].to(tl.float32) * da, 1)
-            d_attn = d_attn + (da,)
-        d_logits = ()  # gradient of <q, key> (the 1/tau folded in)
-        weights = ()  # dnum * a: the numerator's weight on each value / U
+            own_dsq = own_dsq + ((dsq[:, None] * own[c]).to(dt),)
+        # The previous text block's writes to dG become visible to every thread of the program.
+        tl.debug_barrier()
+    else:  # head h's weights are taken from the loop
+        own = ga
+    for h2 in range(0, E // D):  # E // D = H as a runtime bound: never unrolled, so compiles stay short
+        other = _head_weights(Q, k_ptr, rows, row_mask, h2, n_tok, E, scale_log2, NC, D, BD, KC, BT, EVEN_D,
+                              PREC)
+        new_ga = ()
         for c in tl.static_range(NC):
-            a = blocks[h * NC + c].to(tl.float32)
-            d_logits = d_logits + ((a * (d_attn[c] - row_dot[:, None]) * inv_tau).to(dt),)
-            weights = weights + ((a * dnum[:, None]).to(dt),)
+            acc = ga[c]
+            for c2 in tl.static_range(NC):
+                acc = tl.dot(other[c2].to(dt), _gram_block(g_ptr, h2 * NC + c2, h * NC + c, NBK, KC), acc,
+                             input_precision=PREC)
+            new_ga = new_ga + (acc,)
+        ga = new_ga
+        if WITH_DG:
+            if h2 <= h:
+                lower = h2 < h
+                for c in tl.static_range(NC):
+                    for c2 in tl.static_range(NC):
+                        blk = tl.dot(tl.trans(other[c2].to(dt)), own_dsq[c], input_precision=PREC)
+                        ptrs = (dg_ptr + ((h2 * NC + c2) * KC + r)[:, None] * NBK
+                                + ((h * NC + c) * KC + r)[None, :])
+                        if c2 < c:
+                            tl.store(ptrs, tl.load(ptrs) + 2.0 * blk)
+                        elif c2 == c:
+                            tl.store(ptrs, tl.load(ptrs) + tl.where(lower, 2.0, 1.0) * blk)
+                        else:  # below the diagonal within head h: only for the earlier heads
+                            keep = (tl.zeros([KC, KC], dtype=tl.int32) + h2) < h
+                            tl.store(ptrs, tl.load(ptrs, mask=keep, other=0.0) + 2.0 * blk, mask=keep)
+        else:
+            mine = h2 == h
+            new_own = ()
+            for c in tl.static_range(NC):
+                new_own = new_own + (tl.where(mine, other[c], own[c]),)
+            own = new_own
+    d_attn = ()
+    row_dot = tl.zeros([BT], dtype=tl.float32)
+    for c in tl.static_range(NC):
+        p = _block_dots(U, v_ptr, rows, row_mask, h, c, n_tok, E, D, BD, KC, BT, EVEN_D, PREC)
+        da = dnum[:, None] * p + 2.0 * dsq[:, None] * ga[c]
+        row_dot += tl.sum(own[c] * da, 1)
+        d_attn = d_attn + (da,)
+    d_logits = ()
+    for c in tl.static_range(NC):
+        d_logits = d_logits + (own[c] * (d_attn[c] - row_dot[:, None]) * inv_tau,)
+    return d_logits
 
-        for d0 in range(0, D, BD):
-            dims = d0 + tl.arange(0, BD)
-            cols = h * D + dims
-            dmask = dims < D
-            tmask = row_mask[:, None] & dmask[None, :]
-            q = tl.load(Q + rows[:, None] * E + cols[None, :], mask=tmask, other=0.0)
-            u = tl.load(U + rows[:, None] * E + cols[None, :], mask=tmask, other=0.0)
-            gq = tl.zeros([BT, BD], dtype=tl.float32)
-            gu = tl.zeros([BT, BD], dtype=tl.float32)
+
+@triton.jit
+def _image_side(Q, U, k_ptr, v_ptr, g_ptr, dg_ptr, Scale, Bias, GradScale, Cos, Nrm, img, h, t_start, t_end,
+                n_tok, E, offset, scale_log2, inv_tau, stat_stride,
+                H: tl.constexpr, NC: tl.constexpr, NBK: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                ND: tl.constexpr, KC: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+                VALUES: tl.constexpr):
+    """Loops over the texts [t_start, t_end) in blocks of BT; returns dK (or, if VALUES, dV) of
+    head h for this image as a tuple of NC * ND fp32 [KC, BD] tiles; dK also adds to dG.
+    dV = sum_j dnum a^T U needs only head h's own weights, so it runs apart from the coupled dK
+    (one set of accumulators live at a time)."""
+    dt = Q.dtype.element_ty
+    acc = ()
+    for i in tl.static_range(NC * ND):
+        acc = acc + (tl.zeros([KC, BD], dtype=tl.float32),)
+    for t0 in range(t_start, t_end, BT):
+        rows = t0 + tl.arange(0, BT)
+        row_mask = rows < t_end
+        dnum, dsq = _score_grads(Scale, Bias, GradScale, Cos, Nrm, img, rows, row_mask, offset, stat_stride)
+        if VALUES:
+            own = _head_weights(Q, k_ptr, rows, row_mask, h, n_tok, E, scale_log2, NC, D, BD, KC, BT, EVEN_D, PREC)
+            grads = ()
+            for c in tl.static_range(NC):
+                grads = grads + (own[c] * dnum[:, None],)
+            src = U
+        else:
+            grads = _pair_grads(Q, U, k_ptr, v_ptr, g_ptr, dg_ptr, rows, row_mask, h, dnum, dsq, n_tok, E,
+                                scale_log2, inv_tau, H, NC, NBK, D, BD, KC, BT, EVEN_D, PREC, True)
+            src = Q
+        new = ()
+        for c in tl.static_range(NC):
+            for j in tl.static_range(ND):
+                dims = j * BD + tl.arange(0, BD)
+                tmask = row_mask[:, None] & (dims < D)[None, :]
+                x = tl.load(src + rows[:, None] * E + (h * D + dims)[None, :], mask=tmask, other=0.0)
+                new = new + (tl.dot(tl.trans(grads[c].to(dt)), x, acc[c * ND + j], input_precision=PREC),)
+        acc = new
+    return acc
+
+
+@triton.jit
+def _store_image_side(out_ptr, acc, h, n_tok, E, NC: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                      ND: tl.constexpr, KC: tl.constexpr):
+    for c in tl.static_range(NC):
+        toks = c * KC + tl.arange(0, KC)
+        for j in tl.static_range(ND):
+            dims = j * BD + tl.arange(0, BD)
+            kmask = (toks < n_tok)[:, None] & (dims < D)[None, :]
+            tl.store(out_ptr + toks[:, None] * E + (h * D + dims)[None, :], acc[c * ND + j], mask=kmask)
+
+
+@triton.jit(do_not_specialize=_DYNAMIC)
+def _pairs_bwd_image_kernel(Q, U, Kx, V, G, Scale, Bias, GradScale, Cos, Nrm, dK, dV, dG,
+                            n_img, n_txt, n_tok, E, offset, scale_log2, inv_tau, stat_stride, split_texts,
+                            H: tl.constexpr, NC: tl.constexpr, NBK: tl.constexpr, D: tl.constexpr,
+                            BD: tl.constexpr, ND: tl.constexpr, KC: tl.constexpr, EVEN_D: tl.constexpr,
+                            PREC: tl.constexpr, BT: tl.constexpr):
+    """Image side: program (image, head h, 2 * split s + part) loops over the texts of split s
+    in blocks of BT and keeps, for head h, dK (part 0, which also adds to dG's columns of head h
+    in global memory only it touches) or dV (part 1) in registers, then writes them once. Each
+    split writes its own partial slice ([S, n_img, ...]); the caller sums them in a fixed order,
+    so nothing is atomic. The parts are one launch; a runtime branch keeps only one part's
+    registers live."""
+    img = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2) // 2
+    img64 = tl.cast(img, tl.int64)
+    k_ptr = Kx + img64 * n_tok * E
+    v_ptr = V + img64 * n_tok * E
+    g_ptr = G + img64 * NBK * NBK
+    out64 = tl.cast(split, tl.int64) * n_img + img64
+    t_start = split * split_texts
+    t_end = tl.minimum(n_txt, t_start + split_texts)
+    if tl.program_id(2) % 2 == 0:
+        acc = _image_side(Q, U, k_ptr, v_ptr, g_ptr, dG + out64 * NBK * NBK, Scale, Bias, GradScale, Cos, Nrm,
+                          img, h, t_start, t_end, n_tok, E, offset, scale_log2, inv_tau, stat_stride,
+                          H, NC, NBK, D, BD, ND, KC, EVEN_D, PREC, BT, False)
+        _store_image_side(dK + out64 * n_tok * E, acc, h, n_tok, E, NC, D, BD, ND, KC)
+    else:
+        acc = _image_side(Q, U, k_ptr, v_ptr, g_ptr, g_ptr, Scale, Bias, GradScale, Cos, Nrm,
+                          img, h, t_start, t_end, n_tok, E, offset, scale_log2, inv_tau, stat_stride,
+                          H, NC, NBK, D, BD, ND, KC, EVEN_D, PREC, BT, True)
+        _store_image_side(dV + out64 * n_tok * E, acc, h, n_tok, E, NC, D, BD, ND, KC)
+
+
+@triton.jit
+def _text_side(Q, U, Kx, V, G, Scale, Bias, GradScale, Cos, Nrm, rows, row_mask, h, n_img, n_tok, E, offset,
+               scale_log2, inv_tau, stat_stride,
+               H: tl.constexpr, NC: tl.constexpr, NBK: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+               ND: tl.constexpr, KC: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+               VALUES: tl.constexpr):
+    """Loops over the images in order; returns dQ (or, if VALUES, dU) of head h for these texts
+    as a tuple of ND fp32 [BT, BD] tiles."""
+    dt = Q.dtype.element_ty
+    r = tl.arange(0, KC)
+    acc = ()
+    for j in tl.static_range(ND):
+        acc = acc + (tl.zeros([BT, BD], dtype=tl.float32),)
+    for img in range(0, n_img):
+        img64 = tl.cast(img, tl.int64)
+        k_ptr = Kx + img64 * n_tok * E
+        v_ptr = V + img64 * n_tok * E
+        dnum, dsq = _score_grads(Scale, Bias, GradScale, Cos, Nrm, img, rows, row_mask, offset, stat_stride)
+        if VALUES:
+            own = _head_weights(Q, k_ptr, rows, row_mask, h, n_tok, E, scale_log2, NC, D, BD, KC, BT, EVEN_D, PREC)
+            grads = ()
+            for c in tl.static_range(NC):
+                grads = grads + (own[c] * dnum[:, None],)
+            src = v_ptr
+        else:
+            g_ptr = G + img64 * NBK * NBK
+            grads = _pair_grads(Q, U, k_ptr, v_ptr, g_ptr, g_ptr, rows, row_mask, h, dnum, dsq, n_tok, E,
+                                scale_log2, inv_tau, H, NC, NBK, D, BD, KC, BT, EVEN_D, PREC, False)
+            src = k_ptr
+        new = ()
+        for j in tl.static_range(ND):
+            dims = j * BD + tl.arange(0, BD)
+            a = acc[j]
             for c in tl.static_range(NC):
                 toks = c * KC + r
-                kmask = (toks < n_tok)[:, None] & dmask[None, :]
-                kv_off = toks[:, None] * E + cols[None, :]
-                key = tl.load(k_ptr + kv_off, mask=kmask, other=0.0)
-                val = tl.load(v_ptr + kv_off, mask=kmask, other=0.0)
-                gq = tl.dot(d_logits[c], key, gq, input_precision=PREC)
-                gu = tl.dot(weights[c], val, gu, input_precision=PREC)
-                tl.atomic_add(dk_ptr + kv_off, tl.dot(tl.trans(d_logits[c]), q, input_precision=PREC),
-                              mask=kmask, sem="relaxed")
-                tl.atomic_add(dv_ptr + kv_off, tl.dot(tl.trans(weights[c]), u, input_precision=PREC),
-                              mask=kmask, sem="relaxed")
-            t_off = rows[:, None] * E + cols[None, :]
-            tl.atomic_add(dQ + t_off, gq, mask=tmask, sem="relaxed")
-            tl.atomic_add(dU + t_off, gu, mask=tmask, sem="relaxed")
+                kmask = (toks < n_tok)[:, None] & (dims < D)[None, :]
+                x = tl.load(src + toks[:, None] * E + (h * D + dims)[None, :], mask=kmask, other=0.0)
+                a = tl.dot(grads[c].to(dt), x, a, input_precision=PREC)
+            new = new + (a,)
+        acc = new
+    return acc
 
-        # dG += dsq a a^T, upper block triangle only (off-diagonal blocks doubled): the caller
-        # symmetrises, which is all the backward of G = V' V'^T needs.
-        # (The block index h * NC + c is spelled out: a name bound to it would not stay constexpr.)
-        for c in tl.static_range(NC):
-            x = (dsq[:, None] * blocks[h * NC + c].to(tl.float32)).to(dt)
-            for b2 in tl.static_range(h * NC + c + 1):
-                blk = tl.dot(tl.trans(blocks[b2]), x, input_precision=PREC)
-                if b2 < h * NC + c:
-                    blk = 2.0 * blk
-                tl.atomic_add(dg_ptr + (b2 * KC + r)[:, None] * NBK + ((h * NC + c) * KC + r)[None, :], blk,
-                              sem="relaxed")
+
+@triton.jit
+def _add_text_side(out_ptr, acc, rows, row_mask, h, E, D: tl.constexpr, BD: tl.constexpr, ND: tl.constexpr):
+    for j in tl.static_range(ND):
+        dims = j * BD + tl.arange(0, BD)
+        tmask = row_mask[:, None] & (dims < D)[None, :]
+        ptrs = out_ptr + rows[:, None] * E + (h * D + dims)[None, :]
+        tl.store(ptrs, tl.load(ptrs, mask=tmask, other=0.0) + acc[j], mask=tmask)
+
+
+@triton.jit(do_not_specialize=_DYNAMIC)
+def _pairs_bwd_text_kernel(Q, U, Kx, V, G, Scale, Bias, GradScale, Cos, Nrm, dQ, dU,
+                           n_img, n_txt, n_tok, E, offset, scale_log2, inv_tau, stat_stride,
+                           H: tl.constexpr, NC: tl.constexpr, NBK: tl.constexpr, D: tl.constexpr,
+                           BD: tl.constexpr, ND: tl.constexpr, KC: tl.constexpr, EVEN_D: tl.constexpr,
+                           PREC: tl.constexpr, BT: tl.constexpr):
+    """Text side: program (text block, 2 * head h + part) loops over the images in order and
+    keeps dQ (part 0) or dU (part 1) of head h for its BT texts in registers, then adds them once
+    to the fp32 accumulators (which only this program touches)."""
+    tb = tl.program_id(0)
+    h = tl.program_id(1) // 2
+    rows = tb * BT + tl.arange(0, BT)
+    row_mask = rows < n_txt
+    if tl.program_id(1) % 2 == 0:
+        acc = _text_side(Q, U, Kx, V, G, Scale, Bias, GradScale, Cos, Nrm, rows, row_mask, h, n_img, n_tok, E,
+                         offset, scale_log2, inv_tau, stat_stride, H, NC, NBK, D, BD, ND, KC, EVEN_D, PREC, BT,
+                         False)
+        _add_text_side(dQ, acc, rows, row_mask, h, E, D, BD, ND)
+    else:
+        acc = _text_side(Q, U, Kx, V, G, Scale, Bias, GradScale, Cos, Nrm, rows, row_mask, h, n_img, n_tok, E,
+                         offset, scale_log2, inv_tau, stat_stride, H, NC, NBK, D, BD, ND, KC, EVEN_D, PREC, BT,
+                         True)
+        _add_text_side(dU, acc, rows, row_mask, h, E, D, BD, ND)

@@ -7,9 +7,12 @@ Importing this module registers the backend with ``llip_scale.pairs``. Data flow
                   fused kernel over (image, text block) tiles -> loss sum per tile
                   (+ cos, ||z|| per pair [2, Bi, Bt] fp32 when a gradient is needed)
     backward: recompute U; for each chunk of texts, for each chunk of images: recompute V', G;
-              fused kernel -> fp32 atomics into dQ, dU [c_t, E], dK, dV [c_i, K, E],
-              dG [c_i, HK', HK'] (+ dlogit_scale/bias per tile); then in PyTorch (fp32)
-              dG -> dV, dW_o per image chunk and dU -> dt, dW_o per text chunk.
+              image-side kernel -> dK, dV [S, c_i, K, E], dG [S, c_i, HK', HK'] (one partial per
+              split S of the texts), text-side kernel -> dQ, dU [c_t, E] (fp32, each program adds
+              its own rows once); then in PyTorch (fp32) dG -> dV, dW_o per image chunk and
+              dU -> dt, dW_o per text chunk; dlogit_scale/bias from the saved (cos, ||z||).
+              Every sum runs in a fixed order and nothing is atomic: gradients are bitwise
+              repeatable.
 
 Nothing of size Bi x Bt x K or Bi x Bt x E is ever allocated; G and dG exist for one chunk of
 images at a time and the fp32 text accumulators for one chunk of texts, both sized so that the
@@ -34,8 +37,8 @@ from torch import Tensor
 from llip_scale.kernels import pair_kernels as pk
 from llip_scale.pairs.chunked import chunked_scores
 
-__all__ = ["triton_loss", "triton_scores", "KernelPlan", "make_plan", "Chunks", "plan_chunks", "workspace_bytes",
-           "interpreting"]
+__all__ = ["triton_loss", "triton_scores", "KernelPlan", "make_plan", "LaunchConfig", "launch_configs", "Chunks",
+           "plan_chunks", "workspace_bytes", "interpreting"]
 
 GROUP = 8  # images per band of the program order (L2 reuse of G and the text blocks)
 # Largest token block: a G block of KC x KC stays a small dot operand (fp32 takes twice the room).
@@ -70,9 +73,19 @@ class KernelPlan:
     def even_d(self) -> bool:
         return self.head_dim % self.bd == 0
 
+    @property
+    def nd(self) -> int:  # reduction steps over d
+        return triton.cdiv(self.head_dim, self.bd)
+
     def constexprs(self) -> dict:
+        """Compile-time parameters of the forward kernel."""
         return dict(H=self.num_heads, NC=self.nc, NB=self.nb, NBK=self.nbk, D=self.head_dim, BD=self.bd,
                     KC=self.kc, EVEN_D=self.even_d, PREC=self.prec, GROUP=GROUP)
+
+    def bwd_constexprs(self) -> dict:
+        """Compile-time parameters of the two backward kernels."""
+        return dict(H=self.num_heads, NC=self.nc, NBK=self.nbk, D=self.head_dim, BD=self.bd, ND=self.nd,
+                    KC=self.kc, EVEN_D=self.even_d, PREC=self.prec)
 
 
 def _head_dim_step(d: int) -> int:
@@ -113,11 +126,13 @@ def _sizes(bi: int, bt: int, plan: KernelPlan, e: int, elt: int) -> dict:
         inputs=(2 * bi * k * e + 2 * bt * e + e * e) * elt,
         fixed=(bt * e * elt  # U
                + 2 * bi * bt * 4  # cos, ||z|| per pair (fp32), kept from the forward
-               + 3 * bi * triton.cdiv(bt, pk.MIN_BT) * 4  # loss, dlogit_scale, dlogit_bias per tile
+               + bi * triton.cdiv(bt, pk.MIN_BT) * 4  # loss per tile
                + e * e * 4),  # fp32 dW_o
         # G (input dtype and fp32), dG and its symmetrisation (fp32), V' and one head of dV' (fp32),
-        # fp32 dK, dV, values and dvalues of the chunk
-        per_image=nbk * nbk * (elt + 12) + (nbk + plan.nc * plan.kc) * e * 4 + 4 * k * e * 4,
+        # fp32 dK, dV, values and dvalues of the chunk, the extra partial dK, dV, dG of up to
+        # MAX_TEXT_SPLITS splits, and two rows of temporaries for the logit scale and bias
+        per_image=(nbk * nbk * (elt + 12) + (nbk + plan.nc * plan.kc) * e * 4 + 4 * k * e * 4
+                   + (MAX_TEXT_SPLITS - 1) * (nbk * nbk + 2 * k * e) * 4 + 2 * bt * 4),
         per_text=4 * e * 4,  # fp32 dQ, dU, dU @ W_o and the targets
     )
 
@@ -196,53 +211,68 @@ def _text_side(targets: Tensor, w_o: Tensor) -> Tensor:
 
 
 # -- launches -------------------------------------------------------------------------------
-# (BT, num_warps, num_stages) tried by the autotuner. Chosen from the register and spill counts of
-# tools/kernel_resources.py for sm_90; the first entry is the fixed choice without autotuning.
-FWD_CONFIGS = ((64, 8, 2), (16, 8, 2), (32, 8, 2), (16, 4, 2))
-BWD_CONFIGS = ((16, 8, 2), (64, 8, 2), (32, 8, 2))
-REGISTER_BYTES = 64 * 1024  # the BT x HK' attention weights of a program must fit in about this
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Block size and launch options of one kernel."""
+    bt: int  # texts per block
+    num_warps: int
+    num_stages: int
+
+    def options(self) -> dict:
+        return dict(BT=self.bt, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-def _fits(bt: int, nbk: int, elt: int) -> bool:
-    return bt * nbk * elt <= REGISTER_BYTES
+KERNELS = ("fwd", "bwd_image", "bwd_text")
 
 
-def _prune(configs, named_args, **kwargs):
-    nbk, elt = kwargs["NBK"], named_args["Q"].element_size()
-    fit = [c for c in configs if _fits(c.kwargs["BT"], nbk, elt)]
-    return fit or [min(configs, key=lambda c: c.kwargs["BT"])]
+def launch_configs(plan: KernelPlan, elt: int, arch: int = 90, interpret: Optional[bool] = None
+                   ) -> dict[str, LaunchConfig]:
+    """The one config each kernel runs with for this head shape, element size (bytes) and GPU
+    architecture (compute capability x 10: 90 for H100/H200, 80 for A100).
+
+    Fixed rather than autotuned, so a shape compiles each kernel once and every run launches the
+    same programs. Chosen from tools/kernel_resources.py (registers, spills, shared memory for
+    sm_90 and sm_80): ``python tools/kernel_resources.py --chosen`` compiles exactly these.
+    The forward holds a BT x HK' tile of weights, so its text block shrinks as H x K grows; the
+    backward kernels hold one head's weights and fp32 accumulators of one head ([K, d] or [BT, d]).
+    """
+    if interpreting() if interpret is None else interpret:  # every program costs milliseconds
+        return {name: LaunchConfig(pk.MIN_BT, 4, 1) for name in KERNELS}
+    if arch >= 90:  # Hopper: warpgroup MMA takes 64-row tiles
+        fwd_bt = 64 if 64 * plan.nbk * elt <= REGISTER_BYTES else 16
+        return dict(fwd=LaunchConfig(fwd_bt, 8, 1), bwd_image=LaunchConfig(64, 8, 1),
+                    bwd_text=LaunchConfig(64, 8, 1))
+    # Ampere's mma.sync layouts hold more per thread at the same tile: smaller text blocks.
+    return dict(fwd=LaunchConfig(16, 8, 1), bwd_image=LaunchConfig(32, 8, 1), bwd_text=LaunchConfig(16, 8, 1))
 
 
-def autotuning() -> bool:
-    """Autotune on the GPU unless LLIP_PAIRS_AUTOTUNE=0 (then the first fitting config is used)."""
-    return os.environ.get("LLIP_PAIRS_AUTOTUNE", "1") != "0"
+def _arch(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
-_TUNED: dict[str, object] = {}
+REGISTER_BYTES = 64 * 1024  # the forward's BT x HK' attention weights must fit in about this
+TEXT_SPLITS: Optional[int] = None  # fixed number of text splits of the image-side kernel (tests)
+MAX_TEXT_SPLITS = 4
 
 
-def _launcher(name: str, nbk: int, elt: int):
-    """(kernel, launch options): autotuned over BT and warps on a GPU, a fixed config otherwise;
-    BT = 16 in the interpreter, where every program costs milliseconds."""
-    kernel = pk._pairs_fwd_kernel if name == "fwd" else pk._pairs_bwd_kernel
-    table = FWD_CONFIGS if name == "fwd" else BWD_CONFIGS
-    if interpreting():
-        return kernel, {"BT": pk.MIN_BT}
-    if not autotuning():
-        bt, warps, stages = next((c for c in table if _fits(c[0], nbk, elt)), min(table))
-        return kernel, dict(BT=bt, num_warps=warps, num_stages=stages)
-    if name not in _TUNED:
-        extra = {}
-        if name == "bwd":  # atomics: benchmark runs must not leave their sums behind
-            extra = dict(reset_to_zero=["dG", "dSB"], restore_value=["dQ", "dU", "dK", "dV"])
-        configs = [triton.Config({"BT": bt}, num_warps=w, num_stages=st) for bt, w, st in table]
-        _TUNED[name] = triton.autotune(configs, key=["n_txt", "n_tok", "E", "NBK", "D"], cache_results=True,
-                                       prune_configs_by={"early_config_prune": _prune}, **extra)(kernel)
-    return _TUNED[name], {}
+def _text_splits(n_img: int, plan: KernelPlan, n_txt: int, bt: int, device: torch.device) -> int:
+    """Splits of the texts for the image-side kernel, so that its (image, head, split) grid fills
+    the GPU twice over even when few images fit in a chunk; each split costs one partial
+    dK, dV, dG per image (planned in ``_sizes``)."""
+    if TEXT_SPLITS is not None:
+        return max(1, min(TEXT_SPLITS, triton.cdiv(n_txt, bt)))
+    if device.type != "cuda":
+        return 1
+    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(programs, n_img * plan.num_heads)
+    return max(1, min(MAX_TEXT_SPLITS, want, triton.cdiv(n_txt, bt)))
 
 
-def _grid(n_img: int, n_txt: int):
-    return lambda meta: (n_img * triton.cdiv(n_txt, meta["BT"]),)
+def _grid(n_img: int, n_txt: int, bt: int) -> tuple[int]:
+    return (n_img * triton.cdiv(n_txt, bt),)
 
 
 def _check_device(x: Tensor) -> None:
@@ -281,15 +311,15 @@ def _forward(keys, values, w_o, queries, targets, logit_scale, logit_bias, num_h
     f32 = dict(device=keys.device, dtype=torch.float32)
     out = torch.empty(bi, bt, **f32) if mode == pk.MODE_SCORES else torch.zeros(bi, stride, **f32)
     stats = torch.empty(2, bi, bt, **f32) if mode == pk.MODE_LOSS_STATS else None
-    kernel, fixed = _launcher("fwd", plan.nbk, keys.element_size())
+    cfg = launch_configs(plan, keys.element_size(), _arch(keys.device))["fwd"]
     for i0 in range(0, bi, chunks.images):
         i1 = min(bi, i0 + chunks.images)
         g = _gram(_fold(x["values"][i0:i1], w_o, plan), plan, keys.dtype)
         cos, nrm = (stats[0, i0:i1], stats[1, i0:i1]) if stats is not None else (out, out)
-        kernel[_grid(i1 - i0, bt)](
+        pk._pairs_fwd_kernel[_grid(i1 - i0, bt, cfg.bt)](
             x["q"], x["u"], x["keys"][i0:i1], x["values"][i0:i1], g, x["scale"], x["bias"], out[i0:i1], cos, nrm,
             i1 - i0, bt, k, e, offset + i0, math.log2(math.e) / tau, stride, bt,
-            MODE=mode, **plan.constexprs(), **fixed)
+            MODE=mode, **plan.constexprs(), **cfg.options())
     return out, stats
 
 
@@ -322,46 +352,81 @@ class _PairLoss(torch.autograd.Function):
 def _backward(keys, values, w_o, queries, targets, logit_scale, logit_bias, stats, grad, num_heads, tau,
               offset, normalizer):
     """Texts in chunks (outer: their fp32 accumulators exist for one chunk), images in chunks
-    (inner: G, dG and the fp32 dK, dV exist for one chunk)."""
+    (inner: G, dG and the fp32 dK, dV exist for one chunk). Per pair of chunks, the image-side
+    kernel writes dK, dV, dG of the chunk's images and the text-side kernel adds the chunk's
+    share to dQ, dU."""
     bi, k, e = keys.shape
     bt = queries.shape[0]
     plan, chunks, x = _common(keys, values, w_o, queries, targets, logit_scale, logit_bias, num_heads)
-    stride = triton.cdiv(bt, pk.MIN_BT)
     f32 = dict(device=keys.device, dtype=torch.float32)
     grad_scale = (grad.detach().float() / normalizer).reshape(1)
-    dsb = torch.zeros(bi, stride, 2, **f32)
+    cfg = launch_configs(plan, keys.element_size(), _arch(keys.device))
     d_keys, d_values = torch.zeros_like(keys), torch.zeros_like(values)
     d_queries, d_targets = torch.empty_like(queries), torch.empty_like(targets)
     d_w = torch.zeros(e, e, **f32)
-    kernel, fixed = _launcher("bwd", plan.nbk, keys.element_size())
+    h = plan.num_heads
+    scalars = (x["scale"], x["bias"], grad_scale)
     for t0 in range(0, bt, chunks.texts):
         t1 = min(bt, t0 + chunks.texts)
-        dq, du = torch.zeros(t1 - t0, e, **f32), torch.zeros(t1 - t0, e, **f32)
+        nt = t1 - t0
+        dq, du = torch.zeros(nt, e, **f32), torch.zeros(nt, e, **f32)
         for i0 in range(0, bi, chunks.images):
             i1 = min(bi, i0 + chunks.images)
+            ni = i1 - i0
             folded = _fold(x["values"][i0:i1], w_o, plan)
             g = _gram(folded, plan, keys.dtype)
-            dg = torch.zeros(i1 - i0, plan.nbk, plan.nbk, **f32)
-            dk, dv = torch.zeros(i1 - i0, k, e, **f32), torch.zeros(i1 - i0, k, e, **f32)
-            kernel[_grid(i1 - i0, t1 - t0)](
-                x["q"][t0:t1], x["u"][t0:t1], x["keys"][i0:i1], x["values"][i0:i1], g, x["scale"], x["bias"],
-                grad_scale, stats[0, i0:i1, t0:], stats[1, i0:i1, t0:],
-                dq, du, dk, dv, dg, dsb[i0:i1, t0 // pk.MIN_BT:],
-                i1 - i0, t1 - t0, k, e, offset + i0 - t0, math.log2(math.e) / tau, 1.0 / tau, stride, bt,
-                **plan.constexprs(), **fixed)
+            splits = _text_splits(ni, plan, nt, cfg["bwd_image"].bt, keys.device)
+            per_split = triton.cdiv(triton.cdiv(nt, splits), cfg["bwd_image"].bt) * cfg["bwd_image"].bt
+            splits = triton.cdiv(nt, per_split)
+            dk, dv = torch.empty(splits, ni, k, e, **f32), torch.empty(splits, ni, k, e, **f32)
+            dg = torch.zeros(splits, ni, plan.nbk, plan.nbk, **f32)
+            common = (x["q"][t0:t1], x["u"][t0:t1], x["keys"][i0:i1], x["values"][i0:i1], g, *scalars,
+                      stats[0, i0:i1, t0:], stats[1, i0:i1, t0:])
+            sizes = (ni, nt, k, e, offset + i0 - t0, math.log2(math.e) / tau, 1.0 / tau, bt)
+            pk._pairs_bwd_image_kernel[(ni, h, 2 * splits)](
+                *common, dk, dv, dg, *sizes, per_split, **plan.bwd_constexprs(), **cfg["bwd_image"].options())
+            pk._pairs_bwd_text_kernel[(triton.cdiv(nt, cfg["bwd_text"].bt), 2 * h)](
+                *common, dq, du, *sizes, **plan.bwd_constexprs(), **cfg["bwd_text"].options())
             del g
-            dv_gram, dw_gram = _gram_backward(dg, folded, x["values"][i0:i1], w_o, plan)
+            # The splits' partial sums, added in a fixed order.
+            for part in range(1, splits):
+                dk[0] += dk[part]
+                dv[0] += dv[part]
+                dg[0] += dg[part]
+            dv_gram, dw_gram = _gram_backward(dg[0], folded, x["values"][i0:i1], w_o, plan)
             # Summed in fp32 within a text chunk, rounded to the input dtype once per text chunk.
-            d_keys[i0:i1] += dk
-            d_values[i0:i1] += dv.add_(dv_gram)
+            d_keys[i0:i1] += dk[0]
+            d_values[i0:i1] += dv[0].add_(dv_gram)
             d_w += dw_gram
         d_queries[t0:t1] = dq
         d_targets[t0:t1] = du @ w_o.float()  # U = t @ W_o^T
         d_w += du.t() @ targets[t0:t1].float()
-    sums = dsb.sum(dim=(0, 1))
+    d_scale, d_bias = _logit_grads(stats[0], logit_scale, logit_bias, grad_scale, offset, chunks.images)
     return (d_keys, d_values, d_w.to(w_o.dtype), d_queries, d_targets,
-            sums[0].to(logit_scale.dtype).reshape(logit_scale.shape),
-            sums[1].to(logit_bias.dtype).reshape(logit_bias.shape))
+            d_scale.to(logit_scale.dtype).reshape(logit_scale.shape),
+            d_bias.to(logit_bias.dtype).reshape(logit_bias.shape))
+
+
+def _logit_grads(cos: Tensor, logit_scale: Tensor, logit_bias: Tensor, grad_scale: Tensor, offset: int,
+                 chunk: int) -> tuple[Tensor, Tensor]:
+    """dL/dlogit_scale and dL/dlogit_bias from the saved cos [Bi, Bt]: with g = dL/ds =
+    (sigmoid(s) - [positive]) * grad_scale, they are sum(g * exp(scale) * cos) and sum(g).
+    Images in chunks, so the only temporary is [chunk, Bt]."""
+    bi, bt = cos.shape
+    scale = logit_scale.detach().float().exp()
+    bias = logit_bias.detach().float()
+    d_scale = torch.zeros((), device=cos.device, dtype=torch.float32)
+    d_bias = torch.zeros((), device=cos.device, dtype=torch.float32)
+    for i0 in range(0, bi, chunk):
+        c = cos[i0:i0 + chunk]
+        g = torch.sigmoid(scale * c + bias)
+        rows = torch.arange(c.shape[0], device=cos.device)
+        cols = rows + offset + i0
+        keep = (cols >= 0) & (cols < bt)
+        g[rows[keep], cols[keep]] -= 1.0
+        d_scale += (g * c).sum()
+        d_bias += g.sum()
+    return d_scale * scale * grad_scale[0], d_bias * grad_scale[0]
 
 
 # -- backend functions ------------------------------------------------------------------------

@@ -73,6 +73,46 @@ def test_other_world_size_stops_the_resume(tmp_path):
         first_problem(fake_checkpoint(tmp_path, 10, world=4), world_size=2)
 
 
+def _with_model_states(path: Path, name: str, state: dict) -> Path:
+    """``path`` with one more DeepSpeed model states file, recorded in its marker."""
+    torch.save(state, path / name)
+    marker = json.loads((path / MARKER).read_text())
+    marker["files"][name] = (path / name).stat().st_size
+    (path / MARKER).write_text(json.dumps(marker))
+    return path
+
+
+# The two layouts DeepSpeed writes (seen in checkpoints of this trainer): stage 0 keeps the
+# module's tensors, ZeRO records each parameter's shape per group (its module tensors are empty).
+OLD_STAGE0 = ("mp_rank_00_model_states.pt",
+              {"module": {"head.out_proj": torch.zeros(2, 2), "head.logit_scale": torch.tensor(2.6),
+                          "head.logit_bias": torch.tensor(-10.0)}, "param_shapes": None})
+OLD_ZERO3 = ("zero_pp_rank_0_mp_rank_00_model_states.pt",
+             {"module": {"head.logit_scale": torch.empty(0)},
+              "param_shapes": [{"head.out_proj": torch.Size([2, 2])},
+                               {"head.logit_scale": torch.Size([]), "head.logit_bias": torch.Size([])}]})
+
+
+@pytest.mark.parametrize("name,state", [OLD_STAGE0, OLD_ZERO3], ids=["stage0", "zero3"])
+def test_a_checkpoint_with_0dim_logit_parameters_stops_the_resume_but_exports(tmp_path, name, state):
+    """Checkpoints written while the logit scale and bias were 0-dim: a resume names the cause
+    and the way out in one line; verify and export still accept them."""
+    path = _with_model_states(fake_checkpoint(tmp_path, 10), name, state)
+    with pytest.raises(ResumeError) as info:
+        first_problem(path, world_size=2, contents=False)
+    message = str(info.value)
+    assert "head.logit_bias, head.logit_scale as 0-dim tensors" in message and "\n" not in message
+    assert "export it (tools/export_checkpoint.py) and start a new run" in message
+    assert first_problem(path) is None  # what export and verify check
+
+
+def test_a_checkpoint_with_shape_1_logit_parameters_resumes(tmp_path):
+    name, state = OLD_ZERO3
+    shapes = [{k: torch.Size([1]) if "logit" in k else v for k, v in g.items()} for g in state["param_shapes"]]
+    path = _with_model_states(fake_checkpoint(tmp_path, 10), name, {**state, "param_shapes": shapes})
+    assert first_problem(path, world_size=2, contents=False) is None
+
+
 def test_list_is_newest_first_and_ignores_other_names(tmp_path):
     for step in (5, 20, 10):
         fake_checkpoint(tmp_path, step)

@@ -211,9 +211,9 @@ COVERED: dict[str, tuple[str, str]] = {
         "tests/test_train_equivalence.py::test_export_tool_and_load_pretrained", "a trained run"),
     "python tools/export_checkpoint.py RUN/checkpoints/step_0000010000 OUT_DIR [--tokenizer tok.model]": (
         "tests/test_train_webdataset.py::test_an_export_carries_its_tokenizer_and_preprocessing", "a trained run"),
-    "python tools/kernel_resources.py": (
-        "tests/test_kernel_compile.py::test_forward_and_backward_compile_for_sm90_without_spills",
-        "compiles every kernel for sm_90"),
+    "python tools/kernel_resources.py --chosen": (
+        "tests/test_kernel_compile.py::test_chosen_kernels_compile_for_sm90_and_sm80_without_spills",
+        "compiles every kernel the backend launches for the zoo, for sm_90 and sm_80; the test, for tiny"),
     "tools/gpu_check.sh gpu_results": ("tests/test_kernel_gpu.py", "a GPU; runs the gpu tests and the profile"),
     "llip-launch configs/experiments/llip_g14.yaml run_dir=/checkpoint/me/llip_g14 launcher.kind=slurm "
     "launcher.nodes=32 launcher.gpus_per_node=8 launcher.partition=learn launcher.time=72:00:00 "

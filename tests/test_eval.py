@@ -1,9 +1,12 @@
 """Evaluation: hand-built cases with known answers, and agreement with the reference scores."""
 from __future__ import annotations
 
+import matplotlib
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from llip_scale.eval.encode import encode_images, encode_texts, score_all
 from llip_scale.eval.mixing import mixing_weights, plot_mixing
@@ -73,15 +76,32 @@ def test_eval_path_agrees_with_reference_scores():
 
 
 def test_mixing_weights_and_plot(tmp_path):
-    keys = torch.randn(6, 8)
-    queries = torch.randn(3, 8)
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(6, 8, generator=g)
+    queries = torch.randn(3, 8, generator=g)
     w = mixing_weights(keys, queries, num_heads=2, tau=1.0)
     assert w.shape == (3, 2, 6)
     torch.testing.assert_close(w.sum(-1), torch.ones(3, 2))
-    fig = plot_mixing(w, ["a red circle", "a blue square", "left of"], [1.0, -2.0, 0.5],
-                      image=torch.rand(16, 16, 3).numpy(), title="demo")
+    red = torch.zeros(16, 16, 3)
+    red[..., 0] = 1.0
+    fig = plot_mixing(w, ["a red circle", "a blue square", "left of"], [1.0, -2.0, 0.5], image=red.numpy(),
+                      title="demo")
     fig.savefig(tmp_path / "mix.png")
-    assert (tmp_path / "mix.png").stat().st_size > 1000
+    with Image.open(tmp_path / "mix.png") as png:
+        size, pixels = png.size, np.asarray(png.convert("RGB")).astype(int)
+    assert size == (round(fig.get_figwidth() * fig.dpi), round(fig.get_figheight() * fig.dpi))
+
+    def count(rgb) -> int:  # pixels within 3 levels of a colour
+        return int((np.abs(pixels - np.asarray(rgb)).max(-1) <= 3).sum())
+
+    def colour(x: float) -> np.ndarray:
+        return np.round(255 * np.asarray(matplotlib.colormaps["viridis"](x)[:3]))
+
+    assert count((255, 0, 0)) > 40 * 40  # the picture is drawn
+    # The heat maps span the colour map (vmin 0, vmax the largest weight): the largest weight's
+    # cell is its top colour, the smallest weights are near its bottom.
+    assert count(colour(1.0)) > 20 * 20
+    assert count(colour(float(w.min() / w.max()))) > 20 * 20
 
 
 def test_caption_mixing_weights_are_the_ones_the_score_uses():

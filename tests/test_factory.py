@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
+from safetensors.torch import save_file
 
 import llip_scale
 from llip_scale.config import ConfigError
@@ -59,8 +60,6 @@ def sp_model(tmp_path_factory):
 
 def _export(model, folder, tokenizer=None):
     """A folder as tools/export_checkpoint.py writes one: weights, model config, inference.yaml."""
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), str(folder / "model.safetensors"))
     (folder / "config.yaml").write_text(yaml.safe_dump({"model": dataclasses.asdict(model.cfg)}))
@@ -143,6 +142,31 @@ def test_an_export_folder_alone_loads_in_three_lines(tmp_path, sp_model):
     # The .safetensors file names the same export.
     again = llip_scale.create_model(out / "model.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.parametrize("kind", ["llip", "siglip"])
+def test_an_export_with_0dim_logit_parameters_still_loads(tmp_path, kind):
+    """Exports written while the logit scale and bias were 0-dim tensors load (as [1]) through
+    load_pretrained and create_model, and score as the model they were exported from."""
+    original = _small_model(kind)
+    with torch.no_grad():
+        original.head.logit_scale.fill_(1.5)
+        original.head.logit_bias.fill_(-3.0)
+    old = {k: v.reshape(()) if k in ("head.logit_scale", "head.logit_bias") else v
+           for k, v in original.state_dict().items()}
+    assert old["head.logit_scale"].dim() == 0
+    (tmp_path / "old").mkdir()
+    save_file(old, str(tmp_path / "old" / "model.safetensors"))
+    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump({"model": dataclasses.asdict(original.cfg)}))
+    images, tokens = _inputs(original)
+    with torch.no_grad():
+        expected = original.score(images, tokens)
+    for model in (llip_scale.load_pretrained(tmp_path / "old", backend="reference"),
+                  llip_scale.create_model(tmp_path / "old", backend="reference")):
+        assert model.head.logit_scale.shape == model.head.logit_bias.shape == (1,)
+        assert model.head.logit_scale.item() == 1.5 and model.head.logit_bias.item() == -3.0
+        with torch.no_grad():
+            torch.testing.assert_close(model.score(images, tokens), expected)
 
 
 def test_pretrained_weights_into_a_named_architecture_must_fit(tmp_path):

@@ -103,6 +103,39 @@ def test_chunked_launches_match_one_launch(monkeypatch):
     check_against_reference((5, 40, 3, 32, 2, 9), torch.float32, seed=11)
 
 
+def test_text_splits_of_the_image_side_match_reference(monkeypatch):
+    # The image-side kernel split over the texts (one partial dK, dV, dG per split, summed in
+    # order), with a last split shorter than the others.
+    monkeypatch.setattr(kp, "TEXT_SPLITS", 3)
+    check_against_reference((3, 37, 5, 32, 2, 2), torch.float32, seed=17)
+
+
+def test_gradients_are_bitwise_repeatable(monkeypatch, small_token_blocks):
+    # No atomics: every gradient is summed in a fixed order, so two runs on the same inputs give
+    # the same bits, through image chunks, text chunks and text splits.
+    monkeypatch.setattr(kp, "IMAGE_CHUNK", 2)
+    monkeypatch.setattr(kp, "TEXT_CHUNK", 32)
+    monkeypatch.setattr(kp, "TEXT_SPLITS", 2)
+    bi, bt, k, e, h = 3, 45, 20, 40, 2
+    for dtype in (torch.float32, torch.float16):
+        x = cast(make_inputs(bi, bt, k, e, seed=23), dtype)
+        runs = [loss_and_grads(x, num_heads=h, tau=2.5, offset=4, backend="triton") for _ in range(2)]
+        assert torch.equal(runs[0][0], runs[1][0])
+        for name, a, b in zip(NAMES, runs[0][1], runs[1][1]):
+            assert torch.equal(a, b), f"{dtype} grad {name} differs between two runs"
+
+
+def test_launch_configs_are_fixed_per_shape_and_arch():
+    """One config per kernel (no autotuning): what tools/kernel_resources.py --chosen compiles."""
+    for k, e, h in ((32, 512, 8), (32, 768, 8), (64, 1024, 8), (64, 1280, 8)):
+        plan = kp.make_plan(k, e, h, torch.bfloat16)
+        for arch in (80, 90):
+            configs = kp.launch_configs(plan, 2, arch, interpret=False)
+            assert set(configs) == set(kp.KERNELS)
+            assert all(c.bt in (16, 32, 64) and c.num_warps in (4, 8) for c in configs.values())
+            assert configs == kp.launch_configs(plan, 2, arch, interpret=False)
+
+
 def test_scores_match_reference_and_loss_without_grad():
     bi, bt, k, e, h = 3, 18, 4, 32, 2
     ref_in = make_inputs(bi, bt, k, e, seed=3)

@@ -249,6 +249,9 @@ def test_every_released_size_is_detected_and_maps_onto_our_model(name):
         expected = {n: tuple(t.shape) for n, t in build_model(detected).state_dict().items()}
     assert {n: tuple(t.shape) for n, t in ours.items()} == expected
     assert ours["image_proj.k_proj"].shape[0] == cfg.vision.num_outputs
+    # The release stores the logit scale and bias 0-dim; ours are [1].
+    assert sd["logit_scale"].shape == sd["logit_bias"].shape == ()
+    assert ours["head.logit_scale"].shape == ours["head.logit_bias"].shape == (1,)
 
 
 def _scaled_down(cfg):

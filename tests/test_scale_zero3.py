@@ -49,11 +49,12 @@ def ranks(tmp_path_factory) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_zero_init_build_equals_plain_build(ranks):
-    """Partitioned at construction, yet value for value the model a plain build gives: the
-    re-initialisations a parent applies to an already partitioned child are not lost."""
-    exact = [r["exact"] for r in ranks]
-    total = planning.param_stats(model_config("tiny")).total
+@pytest.mark.parametrize("check,kind", [("exact", "llip"), ("exact_siglip_torch_init", "siglip")])
+def test_zero_init_build_equals_plain_build(ranks, check, kind):
+    """Partitioned at construction, yet value for value the model a plain build gives: every
+    module draws its initial values in its own constructor, before zero.Init partitions it."""
+    exact = [r[check] for r in ranks]
+    total = planning.param_stats(model_config("tiny", kind=kind)).total
     assert [r["total"] for r in exact] == [total, total]
     assert all(abs(r["local"] - total / 2) <= 64 for r in exact)  # ceil(numel / 2) per tensor
     assert exact[0]["mismatched"] == []

@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 2 tests/zero3_worker.py OUT_DIR exact [memory SIZE [VISION_DEPTH]]
 
 ``exact``: build the tiny model under zero.Init in fp32 and compare every gathered parameter
-with a plain build from the same seed. ``memory``: build a named size in bf16 (optionally with
+with a plain build from the same seed (Llip with CLIP-init blocks, and SigLIP with
+``vision.block_init: torch``). ``memory``: build a named size in bf16 (optionally with
 fewer blocks) and report the local shard sizes and the resident high-water mark. Each rank
 writes OUT_DIR/rank{R}.json with one entry per check.
 """
@@ -24,8 +25,9 @@ DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage":
              "bf16": {"enabled": True}}
 
 
-def exact(rank: int, args: list[str]) -> dict:
-    cfg = model_config("tiny")
+def exact(rank: int, kind: str, block_init: str) -> dict:
+    cfg = model_config("tiny", kind=kind)
+    cfg.vision.block_init = block_init
     torch.manual_seed(0)
     model = build_model_zero3(cfg, torch.float32, DS_CONFIG)
     params = dict(model.named_parameters())
@@ -60,7 +62,9 @@ def main() -> None:
     rank = torch.distributed.get_rank()
     results = {}
     if "exact" in checks:
-        results["exact"] = exact(rank, [])
+        results["exact"] = exact(rank, "llip", "clip")
+        # The pooled head's projection and the PyTorch-default blocks (Xavier q/k/v) as well.
+        results["exact_siglip_torch_init"] = exact(rank, "siglip", "torch")
     if "memory" in checks:
         results["memory"] = memory(rank, checks[checks.index("memory") + 1:])
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results))

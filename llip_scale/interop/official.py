@@ -34,7 +34,7 @@ K_norm.*, V_norm.*, Q_norm.* (LayerNorm over E;        image_proj.k_norm.*, imag
 pred.out_proj [E, E], z @ P, no bias                   head.out_proj [E, E]
   (also accepted: ``out_proj``, the name in early checkpoints, and an nn.Linear
   ``pred.out_proj.weight`` applied as z @ W^T, with a bias only if it is all zeros)
-logit_scale [], logit_bias []                          head.logit_scale, head.logit_bias
+logit_scale [], logit_bias [] (0-dim)                  head.logit_scale [1], head.logit_bias [1]
 =====================================================  ==============================================
 
 Ignored: ``attn_mask`` (a buffer in some exports). A ``visual.proj`` means a CLIP/SigLIP
@@ -74,6 +74,12 @@ class OfficialCheckpointError(ValueError):
 
 def _transpose(t: Tensor) -> Tensor:
     return t.t().contiguous()
+
+
+def _one_element(t: Tensor) -> Tensor:
+    """The release's 0-dim logit scale / bias as our shape [1] (other shapes stay as they are, for
+    the shape check to name)."""
+    return t.reshape(1) if t.numel() == 1 else t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,8 +171,9 @@ def key_map(cfg: ModelConfig) -> dict[str, tuple[str, Transform]]:
     m["text_projection"] = ("text_projection.weight", _transpose)
     m["q_proj"] = ("q_proj.weight", _transpose)
     m.update(plain(("k_proj", "image_proj.k_proj"), ("v_proj", "image_proj.v_proj"),
-                   ("pred.out_proj", "head.out_proj"), ("logit_scale", "head.logit_scale"),
-                   ("logit_bias", "head.logit_bias")))
+                   ("pred.out_proj", "head.out_proj")))
+    m["logit_scale"] = ("head.logit_scale", _one_element)
+    m["logit_bias"] = ("head.logit_bias", _one_element)
     if cfg.head.use_norm:
         for src, dst in (("K_norm", "image_proj.k_norm"), ("V_norm", "image_proj.v_norm"), ("Q_norm", "q_norm")):
             m.update(plain((f"{src}.weight", f"{dst}.weight"), (f"{src}.bias", f"{dst}.bias")))

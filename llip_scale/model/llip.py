@@ -14,7 +14,9 @@ the image's values mixed with uniform weights, or with one given query, see
 :func:`mix_tokens`), for kNN, linear probes or image-to-image search.
 
 Parameters are only read inside the forward of the module that owns them, so the model works
-under DeepSpeed ZeRO-3, which gathers a module's parameters just for its own forward.
+under DeepSpeed ZeRO-3, which gathers a module's parameters just for its own forward; and each
+module draws its initial values in its own constructor, as ZeRO-3's ``zero.Init`` partitions a
+module's parameters when its constructor returns (see :mod:`llip_scale.model.transformer`).
 Distributed training passes ``gather`` (an all-gather with gradient) and the positive
 ``offset``; this module never imports torch.distributed.
 """
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 
 from llip_scale.model.config import ModelConfig
 from llip_scale.model.text import TextTransformer
+from llip_scale.model.transformer import Linear
 from llip_scale.model.vision import VisionTransformer
 from llip_scale.pairs import clip_loss, pair_loss, pair_scores, sigmoid_loss
 
@@ -41,6 +44,21 @@ def _identity(x: Tensor) -> Tensor:
 
 def _norm(dim: int, on: bool) -> nn.Module:
     return nn.LayerNorm(dim) if on else nn.Identity()
+
+
+def _logit_parameter(value: float) -> nn.Parameter:
+    """The logit scale or bias, shape [1]: DeepSpeed broadcasts and partitions parameters through
+    a flat byte view, which a 0-dim tensor cannot take. The losses take it as ``param[0]``."""
+    return nn.Parameter(torch.full((1,), float(value)))
+
+
+def _read_0dim_logits(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """Load-state-dict pre-hook: exports and checkpoints written while the logit scale and bias
+    were 0-dim tensors hold them as such; read those as the [1] tensors they are now."""
+    for name in ("logit_scale", "logit_bias"):
+        value = state_dict.get(prefix + name)
+        if isinstance(value, Tensor) and value.dim() == 0:
+            state_dict[prefix + name] = value.reshape(1)
 
 
 class LlipImageProjection(nn.Module):
@@ -86,8 +104,9 @@ class LlipPairHead(nn.Module):
         self.num_heads, self.tau = cfg.head.num_heads, cfg.head.tau
         self.backend, self.chunk_size = backend, chunk_size
         self.out_proj = nn.Parameter(e ** -0.5 * torch.randn(e, e))  # W_o, applied as mixed @ W_o
-        self.logit_scale = nn.Parameter(torch.tensor(cfg.head.logit_scale_init()))
-        self.logit_bias = nn.Parameter(torch.tensor(cfg.head.init_logit_bias))
+        self.logit_scale = _logit_parameter(cfg.head.logit_scale_init())  # [1]
+        self.logit_bias = _logit_parameter(cfg.head.init_logit_bias)  # [1]
+        self.register_load_state_dict_pre_hook(_read_0dim_logits)
 
     def forward(self, keys: Tensor, values: Tensor, queries: Optional[Tensor], targets: Optional[Tensor], *,
                 offset: int = 0, normalizer: Optional[float] = None, scores: bool = False,
@@ -96,7 +115,7 @@ class LlipPairHead(nn.Module):
             return mix_tokens(keys, values, self.out_proj.to(keys.dtype), queries, self.num_heads, tau or self.tau)
         kw = dict(num_heads=self.num_heads, tau=tau or self.tau, backend=self.backend,
                   chunk_size=self.chunk_size)
-        args = (keys, values, self.out_proj.to(keys.dtype), queries, targets, self.logit_scale, self.logit_bias)
+        args = (keys, values, self.out_proj.to(keys.dtype), queries, targets, self.logit_scale[0], self.logit_bias[0])
         if scores:
             return pair_scores(*args, **kw)
         return pair_loss(*args, offset=offset, normalizer=normalizer, **kw)
@@ -116,11 +135,11 @@ class PooledHead(nn.Module):
         if cfg.head.pool_proj == "per_token":
             self.proj = nn.Parameter(w ** -0.5 * torch.randn(cfg.vision.num_outputs, w, e))  # [K, width, E]
         else:
-            self.proj = nn.Linear(w, e, bias=False)
-            nn.init.normal_(self.proj.weight, std=w ** -0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(cfg.head.logit_scale_init()))
+            self.proj = Linear(w, e, bias=False, weight=w ** -0.5)
+        self.logit_scale = _logit_parameter(cfg.head.logit_scale_init())  # [1]
         # InfoNCE is shift-invariant per row: CLIP has no bias to learn.
-        self.logit_bias = None if self.kind == "clip" else nn.Parameter(torch.tensor(cfg.head.init_logit_bias))
+        self.logit_bias = None if self.kind == "clip" else _logit_parameter(cfg.head.init_logit_bias)
+        self.register_load_state_dict_pre_hook(_read_0dim_logits)
 
     def pool(self, s: Tensor) -> Tensor:
         if isinstance(self.proj, nn.Linear):
@@ -133,13 +152,13 @@ class PooledHead(nn.Module):
 
     def forward(self, images: Tensor, texts: Tensor, all_images: Optional[Tensor], all_texts: Tensor, *,
                 offset: int = 0, normalizer: Optional[float] = None, scores: bool = False) -> Tensor:
+        scale = self.logit_scale[0]
         if scores:
-            s = self.logit_scale.exp() * images @ texts.t()
-            return s if self.logit_bias is None else s + self.logit_bias
+            s = scale.exp() * images @ texts.t()
+            return s if self.logit_bias is None else s + self.logit_bias[0]
         if self.kind == "clip":
-            return clip_loss(images, texts, all_images, all_texts, self.logit_scale, offset=offset)
-        return sigmoid_loss(images, all_texts, self.logit_scale, self.logit_bias, offset=offset,
-                            normalizer=normalizer)
+            return clip_loss(images, texts, all_images, all_texts, scale, offset=offset)
+        return sigmoid_loss(images, all_texts, scale, self.logit_bias[0], offset=offset, normalizer=normalizer)
 
 
 class ContrastiveModel(nn.Module):
@@ -151,13 +170,11 @@ class ContrastiveModel(nn.Module):
         e, tw = cfg.head.embed_dim, cfg.text.width
         self.visual = VisionTransformer(cfg.vision)
         self.text = TextTransformer(cfg.text)
-        self.text_projection = nn.Linear(tw, e, bias=False)  # W_text: the targets t
-        nn.init.normal_(self.text_projection.weight, std=tw ** -0.5)
+        self.text_projection = Linear(tw, e, bias=False, weight=tw ** -0.5)  # W_text: the targets t
         self.is_llip = cfg.head.kind == "llip"
         if self.is_llip:
             self.image_proj = LlipImageProjection(cfg.vision.num_outputs, cfg.vision.width, e, cfg.head.use_norm)
-            self.q_proj = nn.Linear(tw, e, bias=False)  # W_q: the queries
-            nn.init.normal_(self.q_proj.weight, std=tw ** -0.5)
+            self.q_proj = Linear(tw, e, bias=False, weight=tw ** -0.5)  # W_q: the queries
             self.q_norm = _norm(e, cfg.head.use_norm)
             self.head = LlipPairHead(cfg, backend, chunk_size)
         else:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from llip_scale.model.config import TextConfig
-from llip_scale.model.transformer import Transformer, init_transformer
+from llip_scale.model.transformer import Transformer
 
 
 def eot_positions(tokens: Tensor, eot_id: int) -> Tensor:
@@ -19,17 +19,25 @@ def eot_positions(tokens: Tensor, eot_id: int) -> Tensor:
     return torch.where(is_eot.any(dim=1), first, torch.full_like(first, tokens.shape[1] - 1))
 
 
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` whose rows start normal with ``std`` (CLIP's 0.02) instead of 1."""
+
+    def __init__(self, num_embeddings: int, dim: int, std: float):
+        self.std = std  # set before nn.Embedding.__init__, which calls reset_parameters() with it
+        super().__init__(num_embeddings, dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.std)
+
+
 class TextTransformer(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_dim, cfg.activation)
+        self.token_embedding = Embedding(cfg.vocab_size, cfg.width, std=0.02)
+        self.positional_embedding = nn.Parameter(0.01 * torch.randn(cfg.context_length, cfg.width))
+        self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_dim, cfg.activation, "clip")
         self.ln_final = nn.LayerNorm(cfg.width)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        init_transformer(self.transformer, cfg.width, cfg.depth)
 
     def forward(self, tokens: Tensor) -> Tensor:
         n = tokens.shape[1]

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from llip_scale.model.config import VisionConfig
-from llip_scale.model.transformer import Transformer, init_transformer, init_transformer_torch_default
+from llip_scale.model.transformer import Transformer
 
 
 class VisionTransformer(nn.Module):
@@ -24,12 +24,8 @@ class VisionTransformer(nn.Module):
         self.mixture_tokens = nn.Parameter(scale * torch.randn(cfg.num_tokens, w))
         self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.grid ** 2 + cfg.num_tokens, w))
         self.ln_pre = nn.LayerNorm(w)
-        self.transformer = Transformer(w, cfg.depth, cfg.heads, cfg.mlp_dim, cfg.activation)
+        self.transformer = Transformer(w, cfg.depth, cfg.heads, cfg.mlp_dim, cfg.activation, cfg.block_init)
         self.ln_post = nn.LayerNorm(w)
-        if cfg.block_init == "clip":
-            init_transformer(self.transformer, w, cfg.depth)
-        else:
-            init_transformer_torch_default(self.transformer)
 
     def forward(self, images: Tensor) -> Tensor:
         x = self.conv1(images).flatten(2).transpose(1, 2)  # [B, grid^2, width]

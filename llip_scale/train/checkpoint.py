@@ -44,7 +44,7 @@ import yaml
 from llip_scale.config import Config, to_dict
 from llip_scale.interop.pretrained import save_weights
 from llip_scale.train.distributed import DistEnv, all_gather_objects, barrier, broadcast_object
-from llip_scale.train.engine import Engine, consolidated_state_dict, load_engine, save_engine
+from llip_scale.train.engine import Engine, consolidated_state_dict, load_engine, save_engine, zero_dim_parameters
 
 log = logging.getLogger("llip_scale.train.checkpoint")
 
@@ -290,8 +290,9 @@ def read_marker(path: Path) -> dict:
 def problems(path: Path, world_size: Optional[int] = None, contents: bool = True) -> list[str]:
     """Every reason the checkpoint at ``path`` cannot be used (empty when it is sound): no or an
     unreadable marker, files missing or not the recorded size, and with ``contents`` files whose
-    bytes are not the recorded checksum. Raises :class:`ResumeError` when it was written by a
-    different number of ranks."""
+    bytes are not the recorded checksum. With ``world_size`` (a resume by that many ranks),
+    raises :class:`ResumeError` when it was written by a different number of ranks or holds
+    0-dim parameters (:func:`check_parameter_shapes`)."""
     try:
         info = read_marker(path)
     except ValueError as e:
@@ -309,7 +310,25 @@ def problems(path: Path, world_size: Optional[int] = None, contents: bool = True
             out.append(f"{rel} has {f.stat().st_size} bytes where {size} were written")
     if contents and not out:
         out += mismatches(path, info["crc32"])
+    if world_size is not None and not out:
+        check_parameter_shapes(path)
     return out
+
+
+def check_parameter_shapes(path: Path) -> None:
+    """Raise :class:`ResumeError` when the checkpoint stores parameters as 0-dim tensors, as every
+    checkpoint did while the logit scale and bias were 0-dim. Their weights export as they are
+    (loading reads them as [1]), but the optimizer state keeps the old shapes: at stage 0 the
+    first step after such a resume fails deep inside the optimizer. ZeRO's flat partitions do
+    not record shapes, yet rather than resume some stages and not others, none is resumed."""
+    try:
+        names = zero_dim_parameters(path)
+    except Exception:  # noqa: BLE001 - unreadable: the checksum pass that follows names the damage
+        return
+    if names:
+        raise ResumeError(f"{path} holds {', '.join(names)} as 0-dim tensors, written before the logit scale and "
+                          "bias became shape [1], so it cannot be resumed; export it (tools/export_checkpoint.py) "
+                          "and start a new run in another run_dir")
 
 
 def first_problem(path: Path, world_size: Optional[int] = None, contents: bool = True) -> Optional[str]:

@@ -23,7 +23,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, ContextManager, Iterator, Optional
+from typing import Any, ContextManager, Optional
 
 import torch
 from torch import Tensor, nn
@@ -144,30 +144,6 @@ def _optimizer(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
 
 
-@contextlib.contextmanager
-def _scalar_parameters_safe() -> Iterator[None]:
-    """DeepSpeed (stages 0-2) broadcasts each parameter from rank 0 through a byte view, which a
-    0-dim tensor such as the logit scale and bias cannot take; give those a 1-element shape
-    meanwhile (the same storage, so the broadcast lands in the parameter)."""
-    engine_broadcast = deepspeed.DeepSpeedEngine._broadcast_model
-
-    def broadcast_model(engine: Engine) -> None:
-        scalars = [p for p in engine.module.parameters() if p.dim() == 0]
-        for p in scalars:
-            p.data = p.data.reshape(1)
-        try:
-            engine_broadcast(engine)
-        finally:
-            for p in scalars:
-                p.data = p.data.reshape(())
-
-    deepspeed.DeepSpeedEngine._broadcast_model = broadcast_model
-    try:
-        yield
-    finally:
-        deepspeed.DeepSpeedEngine._broadcast_model = engine_broadcast
-
-
 def prebuild_ops() -> list[str]:
     """Build the DeepSpeed ops a run loads at start (on the CPU, the shared-memory communication
     op), so that jobs load them instead of building them: a job killed while building leaves a
@@ -188,14 +164,13 @@ def initialize(cfg: Config, env: DistEnv) -> Engine:
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
     ds_config = deepspeed_config(cfg, env.world_size)
     schedule = WarmupCosine(cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio, cfg.optim.schedule)
-    with _scalar_parameters_safe():
-        model = build_run_model(cfg, env, ds_config)
-        groups = param_groups(model, cfg.optim.weight_decay)
-        # A plain function, not the schedule object: LambdaLR then checkpoints only its position,
-        # and the warmup/horizon of a resumed run come from its config.
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=_optimizer(cfg, groups), config=ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda i: schedule(i)))
+    model = build_run_model(cfg, env, ds_config)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    # A plain function, not the schedule object: LambdaLR then checkpoints only its position,
+    # and the warmup/horizon of a resumed run come from its config.
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=_optimizer(cfg, groups), config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda i: schedule(i)))
     return engine
 
 
@@ -230,8 +205,7 @@ def clamp_logit_scale(engine: Engine) -> tuple[float, float]:
     the optimizer's fp32 master (which would otherwise overwrite the module parameter at the
     next step), and under ZeRO-3 its shard of the module parameter. Gathering the parameter
     to edit it on one rank (``GatheredParameters(modifier_rank=0)``) would leave the master
-    unclamped, and its re-broadcast cannot handle a 0-dim parameter. Reading the values for
-    the logs gathers them (a collective under ZeRO-3).
+    unclamped. Reading the values for the logs gathers them (a collective under ZeRO-3).
     """
     module: ContrastiveModel = engine.module
     scale, bias = module.head.logit_scale, module.head.logit_bias
@@ -298,6 +272,22 @@ def load_engine(engine: Engine, root: Path, tag: str) -> None:
                                      load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load {root / tag}")
+
+
+def zero_dim_parameters(checkpoint_dir: Path) -> list[str]:
+    """Names of the parameters a checkpoint folder stores as 0-dim tensors, from its first model
+    states file: the shapes ZeRO records, or the module's own tensors at stage 0. Checkpoints
+    written while the logit scale and bias were 0-dim hold them so; [] when there is no such file."""
+    files = sorted(Path(checkpoint_dir).glob("*model_states.pt"))
+    if not files:
+        return []
+    state = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+    shapes: dict[str, Any] = {}
+    for group in state.get("param_shapes") or []:  # ZeRO: one {name: shape} per parameter group
+        shapes.update(group)
+    if not shapes:
+        shapes = {name: t.shape for name, t in (state.get("module") or {}).items()}
+    return sorted(name for name, shape in shapes.items() if len(shape) == 0)
 
 
 def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, Tensor]:

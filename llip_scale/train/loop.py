@@ -48,6 +48,7 @@ from llip_scale.train.distributed import (
     ignore_stop_signals,
     init_distributed,
     launch_env,
+    shutdown,
 )
 from llip_scale.train.engine import clamp_logit_scale, compute_dtype, initialize, step_optimizer
 from llip_scale.train.metrics import MetricsWriter, Progress, StepMeter
@@ -319,5 +320,9 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
             log.info("done: %d steps; run folder %s; final %s", state.step, cfg.run_dir,
                      json.dumps({k: round(v, 4) for k, v in final.items()}))
     barrier()  # leave together: a launcher may stop the other ranks once one has exited
+    # Closed here rather than by the interpreter's exit, where the process group's threads are
+    # torn down in no set order and a rank could abort ("terminate called without an active
+    # exception") after a finished run.
+    shutdown()
     return EXIT_PREEMPTED if status == "preempted" else EXIT_OK
 

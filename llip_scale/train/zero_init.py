@@ -5,78 +5,23 @@ the model's constructors run; each module's own parameters are created in ``dtyp
 broadcast from rank 0 and partitioned over the data-parallel ranks as soon as that module's
 ``__init__`` returns, so at most one module's parameters are whole at a time.
 
-A parent that re-initialises a child's parameters after the child was built (the towers'
-CLIP-style init of every block's Linear layers, the token embedding, the text projection)
-would write into an already partitioned, empty placeholder and be silently lost. While the
-model is built, ``torch.nn.init`` functions called on a partitioned parameter therefore gather
-that one parameter, run on every rank (rank 0's values win) and re-partition it: the result is
-the same model, value for value, as a plain ``build_model`` with the same seed.
+Nothing here patches DeepSpeed: the model code draws every initial value in the constructor of
+the module that owns it (no parent re-initialises a child, which under zero.Init would write
+into an already partitioned placeholder), and has no 0-dim parameter (which zero.Init's byte-view
+broadcast cannot take). So the result is the same model, value for value, as a plain
+``build_model`` with the same seed.
 
 This module imports deepspeed; the model code never does.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-from typing import Any, Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import deepspeed
 import torch
-from deepspeed import comm as dist
-from deepspeed.runtime.zero.partition_parameters import Init, ZeroParamStatus
 
 from llip_scale.model import ContrastiveModel, ModelConfig, build_model
-
-# torch.nn.init functions that write a tensor in place (the ones model code calls).
-_INIT_FUNCTIONS = ("normal_", "zeros_", "ones_", "uniform_", "constant_", "trunc_normal_", "xavier_uniform_",
-                   "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "eye_")
-
-
-def _gathering(fn: Callable[..., Any]) -> Callable[..., Any]:
-
-    @functools.wraps(fn)
-    def init(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if getattr(tensor, "ds_status", None) != ZeroParamStatus.NOT_AVAILABLE:
-            return fn(tensor, *args, **kwargs)
-        with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
-            return fn(tensor, *args, **kwargs)
-
-    return init
-
-
-@contextlib.contextmanager
-def _inits_gather_partitioned() -> Iterator[None]:
-    originals = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
-    try:
-        for name, fn in originals.items():
-            setattr(torch.nn.init, name, _gathering(fn))
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(torch.nn.init, name, fn)
-
-
-@contextlib.contextmanager
-def _scalar_parameters_supported() -> Iterator[None]:
-    """zero.Init broadcasts each new parameter viewed as bytes (``param.data.view(uint8)``),
-    which fails for 0-dim parameters such as logit_scale; broadcast those as one element."""
-
-    original = Init._zero_init_param
-
-    def zero_init_param(self: Any, param: torch.nn.Parameter) -> None:
-        if param.dim() > 0:
-            return original(self, param)
-        self._convert_to_deepspeed_param(param)
-        group = self.get_partition_dp_group(param)
-        src = 0 if dist.get_world_group() == group else dist.get_global_rank(group, 0)
-        dist.broadcast(param.data.reshape(1).view(torch.uint8), src, group)
-        param.partition()
-
-    Init._zero_init_param = zero_init_param
-    try:
-        yield
-    finally:
-        Init._zero_init_param = original
 
 
 def _with_dtype(ds_config: dict, dtype: torch.dtype) -> dict:
@@ -109,7 +54,7 @@ def build_model_zero3(model_cfg: ModelConfig, dtype: torch.dtype, ds_config: dic
     remote = "cpu" if offload == "cpu" else None
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
-    with _scalar_parameters_supported(), _inits_gather_partitioned(), _default_dtype(dtype), \
+    with _default_dtype(dtype), \
             deepspeed.zero.Init(config_dict_or_path=_with_dtype(ds_config, dtype), remote_device=remote):
         return build_model(model_cfg, backend, chunk_size)
 
