@@ -33,7 +33,7 @@ def status_bytes(field_name: str) -> Optional[float]:
     return None
 
 
-def resetpeak_bytes() -> float:
+def reset_peak() -> float:
     """Reset the resident high-water mark; return the current resident bytes (the baseline).
 
     Without the reset, memory freed after a higher earlier peak (imports, the warm-up) would
@@ -74,7 +74,7 @@ def measure_step_memory(cfg: Config, micro_batch: int, steps: int = 2, backend: 
     if warmup:  # a miniature of the same model first: the first checkpointed call alone
         _train_steps(_miniature(cfg.model), cfg, 2, 1, backend)  # imports ~150 MB of modules
     gc.collect()
-    baseline = resetpeak_bytes()
+    baseline = reset_peak()
     losses = _train_steps(cfg.model, cfg, micro_batch, steps, backend)
     if not all(math.isfinite(x) for x in losses):
         raise RuntimeError(f"non-finite loss while measuring: {losses}")
