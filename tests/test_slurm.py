@@ -188,9 +188,18 @@ class Launch:
 
 
 def requeued(launch_output: str) -> bool:
-    """Whether ``--wait`` saw the job pending again after it had run."""
+    """Whether ``--wait`` saw the job pending again after it had left the queue. ``--wait`` polls,
+    so a short first run may show only as COMPLETING (its tasks ending on the requeue)."""
     states = re.findall(r"job \d+: (\S+)", launch_output)
-    return "RUNNING" in states and "PENDING" in states[states.index("RUNNING"):]
+    started = [i for i, state in enumerate(states) if state != "PENDING"]
+    return bool(started) and "PENDING" in states[started[0]:]
+
+
+def test_requeued_reads_the_states_wait_reported():
+    assert requeued("job 1: PENDING\njob 1: RUNNING\njob 1: PENDING\njob 1: RUNNING\njob 1: COMPLETED\n")
+    assert requeued("job 1: PENDING\njob 1: COMPLETING\njob 1: PENDING\njob 1: RUNNING\njob 1: COMPLETED\n")
+    assert not requeued("job 1: PENDING\njob 1: RUNNING\njob 1: COMPLETING\njob 1: COMPLETED\n")
+    assert not requeued("job 1: PENDING\njob 1: PENDING\n")
 
 
 def check_exact_resume(launch: Launch, reference: Path, stopped_by: str) -> None:
