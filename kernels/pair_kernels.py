@@ -104,23 +104,10 @@ def _attention(q_ptr, k_ptr, u_ptr, v_ptr, rows, row_mask, n_tok, E, scale_log2,
     blocks = ()
     num = tl.zeros([BT], dtype=tl.float32)
     for h in tl.static_range(H):
-        logits = ()
-        row_max = tl.full([BT], float("-inf"), tl.float32)
+        weights = _head_weights(q_ptr, k_ptr, rows, row_mask, h, n_tok, E, scale_log2, NC, D, BD, KC, BT, EVEN_D,
+                                PREC)
         for c in tl.static_range(NC):
-            lg = _block_dots(q_ptr, k_ptr, rows, row_mask, h, c, n_tok, E, D, BD, KC, BT, EVEN_D, PREC)
-            toks = c * KC + tl.arange(0, KC)
-            lg = tl.where((toks < n_tok)[None, :], lg * scale_log2, float("-inf"))
-            row_max = tl.maximum(row_max, tl.max(lg, 1))
-            logits = logits + (lg,)
-        total = tl.zeros([BT], dtype=tl.float32)
-        exps = ()
-        for c in tl.static_range(NC):
-            ex = tl.exp2(logits[c] - row_max[:, None])
-            total += tl.sum(ex, 1)
-            exps = exps + (ex,)
-        inv_total = 1.0 / total
-        for c in tl.static_range(NC):
-            a = exps[c] * inv_total[:, None]
+            a = weights[c]
             if WITH_NUM:
                 p = _block_dots(u_ptr, v_ptr, rows, row_mask, h, c, n_tok, E, D, BD, KC, BT, EVEN_D, PREC)
                 num += tl.sum(a * p, 1)
