@@ -16,9 +16,7 @@ from llip_scale.data.shards import check_sources
 from llip_scale.data.synthetic import SyntheticLoader, SyntheticTokenizer
 from llip_scale.data.tokenizer import Tokenizer
 from llip_scale.errors import ConfigError
-from llip_scale.interop.tokenizers import ClipBpeTokenizer
-
-CLIP_VOCAB = (49408, 49407)  # (vocab_size, eot_id) of CLIP's BPE
+from llip_scale.interop.tokenizers import ClipBpeTokenizer, is_clip_vocabulary
 
 
 def tokenizer_from_config(cfg: Config) -> Any:
@@ -26,7 +24,7 @@ def tokenizer_from_config(cfg: Config) -> Any:
     t = cfg.model.text
     if cfg.data.source == "synthetic":
         return SyntheticTokenizer(t.vocab_size, t.context_length, t.eot_id, t.pad_id)
-    if not cfg.data.tokenizer and (t.vocab_size, t.eot_id) == CLIP_VOCAB:
+    if not cfg.data.tokenizer and is_clip_vocabulary(t.vocab_size, t.eot_id):
         return ClipBpeTokenizer(None, t.context_length)  # CLIP's vocabulary: its BPE, packaged
     tok = Tokenizer(cfg.data.tokenizer, t.context_length)
     if tok.vocab_size > t.vocab_size or tok.eot_id != t.eot_id:

@@ -41,7 +41,7 @@ from llip_scale.data.synthetic import SyntheticTokenizer
 from llip_scale.data.transforms import OPENAI_MEAN, OPENAI_STD, EvalTransform, TrainTransform
 from llip_scale.errors import ConfigError, from_dict, validate_tree
 from llip_scale.interop import official
-from llip_scale.interop.tokenizers import build_tokenizer
+from llip_scale.interop.tokenizers import build_tokenizer, is_clip_vocabulary
 from llip_scale.model import ContrastiveModel, ModelConfig, build_model, model_config, model_names
 from llip_scale.train.checkpoint import find_checkpoint, first_problem
 from llip_scale.train.engine import consolidated_state_dict
@@ -49,7 +49,6 @@ from llip_scale.train.engine import consolidated_state_dict
 PathLike = Union[str, os.PathLike]
 INFERENCE_FILE = "inference.yaml"  # tokenizer + preprocessing, written next to an export
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CLIP_VOCAB, CLIP_EOT = 49408, 49407
 
 
 @dataclass
@@ -222,10 +221,6 @@ def create_model_and_transforms(name_or_path: PathLike, pretrained: Optional[Pat
 # Tokenizers
 # ---------------------------------------------------------------------------------------------
 
-def _is_clip_vocabulary(cfg: ModelConfig) -> bool:
-    return cfg.text.vocab_size == CLIP_VOCAB and cfg.text.eot_id == CLIP_EOT
-
-
 def _file_tokenizer(path: Path, context_length: int) -> Any:
     if path.suffix == ".model":
         return build_tokenizer(context_length, spm_model=path)
@@ -245,7 +240,7 @@ def tokenizer_spec(source: ModelSource) -> dict:
         return {"kind": "synthetic"}
     if data.get("tokenizer"):
         return {"kind": "sentencepiece", "file": str(data["tokenizer"])}
-    if _is_clip_vocabulary(source.model):
+    if is_clip_vocabulary(source.model.text.vocab_size, source.model.text.eot_id):
         return {"kind": "clip_bpe"}
     raise ConfigError(f"{source.description} has its own vocabulary (vocab_size={source.model.text.vocab_size}, "
                       f"eot_id={source.model.text.eot_id}) and names no tokenizer; pass the sentencepiece model "

@@ -60,6 +60,12 @@ def _as_list(texts: Texts) -> list[str]:
 NUM_MERGES = 49152 - 256 - 2  # the merges CLIP uses from its file
 # CLIP's merges file, shipped as package data (the official checkpoints' vocabulary).
 DEFAULT_BPE_VOCAB = Path(__file__).resolve().parent / "bpe_simple_vocab_16e6.txt.gz"
+CLIP_VOCAB_SIZE, CLIP_EOT_ID = 49408, 49407  # the packaged BPE's vocabulary and end token
+
+
+def is_clip_vocabulary(vocab_size: int, eot_id: int) -> bool:
+    """Whether a text tower with these ids reads CLIP's BPE (the official checkpoints' vocabulary)."""
+    return (vocab_size, eot_id) == (CLIP_VOCAB_SIZE, CLIP_EOT_ID)
 
 
 def byte_alphabet() -> dict[int, str]:

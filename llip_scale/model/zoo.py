@@ -36,8 +36,8 @@ def size_or_config(arg: str) -> tuple[str | None, Path | None]:
     try:
         return None, resolve_config_path(arg)
     except ConfigError:
-        pass
-    raise ConfigError(f"'{arg}' is neither a model size ({', '.join(model_names())}) nor a config file")
+        raise ConfigError(f"'{arg}' is neither a model size ({', '.join(model_names())}) nor a config "
+                          "file") from None
 
 
 def recipe_path(name: str) -> Path:
