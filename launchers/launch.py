@@ -25,7 +25,7 @@ from typing import Optional
 import submitit
 from submitit.slurm.slurm import SlurmExecutor
 
-from llip_scale.config import Config, ConfigError, load_config, local_batch_size, save_config
+from llip_scale.config import Config, ConfigError, batch_split, load_config, save_config
 from llip_scale.data.build import check_data, tokenizer_from_config
 from llip_scale.launchers.job import TrainJob
 from llip_scale.launchers.slurm import wait_for_job
@@ -173,7 +173,7 @@ def cli(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         nodes = cfg.launcher.nodes if cfg.launcher.kind == "slurm" else 1
-        local_batch_size(cfg, nodes * cfg.launcher.tasks)  # before anything is submitted
+        batch_split(cfg, nodes * cfg.launcher.tasks)  # before anything is submitted
     except ConfigError as e:
         print(f"llip-launch: config error: {e}", file=sys.stderr)
         return 2

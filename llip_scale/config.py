@@ -24,7 +24,7 @@ from llip_scale.pairs.config import LossConfig
 
 # Re-exported: the names a caller of the config tree needs, in one place.
 __all__ = ["Config", "ConfigError", "load_config", "save_config", "build_config", "validate", "to_dict",
-           "from_dict", "local_batch_size", "deep_merge", "apply_overrides", "load_yaml"]
+           "from_dict", "local_batch_size", "batch_split", "deep_merge", "apply_overrides", "load_yaml"]
 
 
 @dataclass
@@ -132,6 +132,10 @@ class Config:
     seed: int = 0
     steps: int = 1000
     batch_size: int = 256  # global, over all ranks
+    # Samples each rank encodes at once; 0: batch_size / world (no accumulation). Smaller values
+    # accumulate batch_size / (world x micro_batch_size) micro-batches into one step whose loss
+    # is still the all-pairs loss of the whole global batch (llip_scale.train.step).
+    micro_batch_size: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -145,18 +149,45 @@ class Config:
     def validate(self, name: str) -> None:
         check(self.steps >= 1, "steps must be >= 1")
         check(self.batch_size >= 1, "batch_size must be >= 1")
+        check(self.micro_batch_size >= 0, f"micro_batch_size must be >= 0 (0: batch_size / ranks), "
+              f"got {self.micro_batch_size}")
+        check(self.micro_batch_size == 0 or self.batch_size % self.micro_batch_size == 0,
+              f"micro_batch_size={self.micro_batch_size} does not divide batch_size={self.batch_size}; "
+              f"choose a divisor such as {_divisors_text(self.batch_size)}, or 0 for no accumulation")
         run_dir = Path(self.run_dir)
         blocker = next((a for a in (run_dir, *run_dir.parents) if a.exists()), None)
         check(blocker is None or blocker.is_dir(),
               f"run_dir={self.run_dir}: '{blocker}' is an existing file, not a folder; choose another run_dir")
 
 
-def local_batch_size(cfg: Config, world_size: int) -> int:
-    """The per-rank batch; a ConfigError when the global batch does not split evenly."""
+def _divisors_text(n: int, most: int = 8) -> str:
+    """The divisors of ``n`` as text, the largest ``most`` of them when there are more."""
+    found = [d for d in range(1, n + 1) if n % d == 0]
+    shown = found[-most:]
+    return ("..., " if len(found) > most else "") + ", ".join(map(str, shown))
+
+
+def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
+    """(micro_batch_size, accum) of ``world_size`` ranks: every rank encodes ``accum``
+    micro-batches of ``micro_batch_size`` samples per step, and
+    ``batch_size = world_size x micro_batch_size x accum``. A one-line ConfigError naming the
+    valid values when the global batch does not split so."""
     check(cfg.batch_size % world_size == 0,
           f"batch_size={cfg.batch_size} is not divisible by the {world_size} ranks; "
           f"set batch_size to a multiple of {world_size}")
-    return cfg.batch_size // world_size
+    local = cfg.batch_size // world_size
+    micro = cfg.micro_batch_size or local
+    check(local % micro == 0,
+          f"micro_batch_size={micro} does not divide the per-rank batch {local} (batch_size={cfg.batch_size} "
+          f"over {world_size} ranks); set micro_batch_size to one of {_divisors_text(local)}, or 0 for {local}")
+    return micro, local // micro
+
+
+def local_batch_size(cfg: Config, world_size: int) -> int:
+    """The per-rank batch of one step (``micro_batch_size x accum``); a ConfigError when the
+    global batch does not split evenly over the ranks and micro-batches (see :func:`batch_split`)."""
+    micro, accum = batch_split(cfg, world_size)
+    return micro * accum
 
 
 def validate(cfg: Config) -> Config:

@@ -222,11 +222,35 @@ class ContrastiveModel(nn.Module):
         return F.normalize(self.encode_text(tokens)[-1], dim=-1)
 
     # -- training ---------------------------------------------------------------------------
-    def forward(self, images: Tensor, tokens: Tensor, gather: Optional[Gather] = None, offset: int = 0) -> Tensor:
-        """Loss of the local batch. ``gather`` all-gathers [B_local, ...] -> [B_global, ...]."""
-        gather = gather or _identity
+    def forward(self, images: Tensor, tokens: Tensor, gather: Optional[Gather] = None, offset: int = 0, *,
+                cached: Optional[tuple[Features, Features]] = None, encode: bool = False,
+                feature_grads: Optional[tuple[Features, Features]] = None) -> Tensor | tuple[Features, Features]:
+        """Loss of the local batch. ``gather`` all-gathers [B_local, ...] -> [B_global, ...].
+
+        Gradient accumulation (:mod:`llip_scale.train.step`) goes through this forward too, so
+        that under ZeRO-3 each module's parameters are gathered by its own forward:
+        ``encode=True`` returns the features ``(encode_image, encode_text)`` of the batch;
+        ``cached`` holds the features of the rest of the local batch (rows after these ones,
+        leaves computed without autograd): the loss is then that of the whole local batch;
+        ``feature_grads`` holds gradients of the loss w.r.t. this batch's features: the result
+        is ``sum <features, grads>``, whose backward is that of the loss through this batch.
+        """
         img = self.encode_image(images)
         txt = self.encode_text(tokens)
+        if encode:
+            return img, txt
+        if feature_grads is not None:
+            pairs = zip((*img, *txt), (*feature_grads[0], *feature_grads[1]))
+            return sum((f * g.to(f.dtype)).sum() for f, g in pairs)
+        if cached is not None:  # this micro-batch first, as in the local batch
+            img = tuple(torch.cat(parts) for parts in zip(img, cached[0]))
+            txt = tuple(torch.cat(parts) for parts in zip(txt, cached[1]))
+        return self.loss_from_features(img, txt, gather, offset)
+
+    def loss_from_features(self, img: Features, txt: Features, gather: Optional[Gather] = None,
+                           offset: int = 0) -> Tensor:
+        """The pair loss of local image features x all ranks' text features (``gather``)."""
+        gather = gather or _identity
         if self.is_llip:
             queries, targets = gather(txt[0]), gather(txt[1])
             return self.head(img[0], img[1], queries, targets, offset=offset)

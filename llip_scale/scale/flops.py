@@ -117,16 +117,19 @@ def forward_flops(cfg: ModelConfig, global_batch: int, pair_mode: str = "plain")
 
 
 def train_flops_per_sample(cfg: ModelConfig, global_batch: int, activation_checkpointing: bool = False,
-                           pair_mode: str = "plain", pair_recompute: bool = True) -> float:
+                           pair_mode: str = "plain", pair_recompute: bool = True, accum: int = 1) -> float:
     """FLOPs one sample costs in a training step (forward, backward, recomputation).
 
-    Encoders: 3x forward, plus the recomputed blocks with activation checkpointing. Llip pairs: 3x forward, 4x when
-    the backend recomputes its forward in backward (``triton`` and plain-mode ``chunked`` do). Pass
-    ``activation_checkpointing=False, pair_recompute=False`` for the model FLOPs of MFU, the
-    defaults of the run for the hardware FLOPs actually executed.
+    Encoders: 3x forward, plus the recomputed blocks with activation checkpointing, plus one more
+    forward for the samples of all micro-batches but the first with gradient accumulation
+    (``accum`` > 1: they are encoded once to cache features, then again with autograd). Llip
+    pairs: 3x forward, 4x when the backend recomputes its forward in backward (``triton`` and
+    plain-mode ``chunked`` do). Pass ``activation_checkpointing=False, pair_recompute=False,
+    accum=1`` for the model FLOPs of MFU, the defaults of the run for the hardware FLOPs actually
+    executed.
     """
     f = forward_flops(cfg, global_batch, pair_mode)
-    enc = 3 * f.encoders + (2 * recompute_macs(cfg) if activation_checkpointing else 0.0)
+    enc = (3 + (accum - 1) / accum) * f.encoders + (2 * recompute_macs(cfg) if activation_checkpointing else 0.0)
     recompute = pair_recompute and cfg.head.kind == "llip"
     return enc + f.pairs * (4 if recompute else 3)
 

@@ -23,7 +23,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +70,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     out = {
         "train_batch_size": cfg.batch_size,
+        # One DeepSpeed micro-batch per step, the whole local batch: gradient accumulation
+        # (llip_scale.train.step) splits one loss into several backward passes, which
+        # step_optimizer marks with DeepSpeed's accumulation boundary.
         "train_micro_batch_size_per_gpu": local_batch_size(cfg, world_size),
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.optim.grad_clip,
@@ -222,9 +225,23 @@ def clamp_logit_scale(engine: Engine) -> tuple[float, float]:
         return float(scale.detach().float()), float(bias.detach().float())
 
 
-def step_optimizer(engine: Engine, loss: Tensor) -> float:
-    """Backward, optimizer step (clipping, schedule); return the global gradient norm."""
-    engine.backward(loss)
+def step_optimizer(engine: Engine, loss: Tensor, more: Sequence[Callable[[], Tensor]] = ()) -> float:
+    """Backward, optimizer step (clipping, schedule); return the global gradient norm.
+
+    ``more``: further backward passes of the same step (gradient accumulation), each a function
+    building the scalar to backpropagate once the previous backward is done, so that only one
+    pass's activations are alive at a time. The gradients add up; DeepSpeed reduces them over
+    ranks at the last pass (its accumulation boundary), and none is scaled by DeepSpeed's
+    gradient_accumulation_steps: the passes are parts of one loss, not losses to average.
+    """
+    if more:
+        engine.set_gradient_accumulation_boundary(False)
+        engine.backward(loss, scale_wrt_gas=False)
+        for i, build in enumerate(more):
+            engine.set_gradient_accumulation_boundary(i == len(more) - 1)
+            engine.backward(build(), scale_wrt_gas=False)
+    else:
+        engine.backward(loss)
     norm = None
     if engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
         # Plain data parallel in fp32: DeepSpeed does not compute the norm; gradients are

@@ -3,7 +3,8 @@
 Flow: YAML + overrides -> validated config (written to ``RUN_DIR/config.yaml``) -> process
 group -> data sources checked -> model (``zero.Init`` under ZeRO-3) + AdamW + schedule in a
 DeepSpeed engine -> resume from the newest complete checkpoint of ``RUN_DIR`` if any -> the
-loop in :func:`main`: batch -> local images x gathered texts loss -> agree across ranks
+loop in :func:`main`: batch -> local images x gathered texts loss (encoded in micro-batches,
+:mod:`llip_scale.train.step`) -> agree across ranks
 (global loss, non-finite, stop) -> backward + step + logit-scale clamp (or a skipped update)
 -> metrics -> held-out evaluation -> checkpoint -> exit on preemption. Rerunning the same
 command continues an interrupted run. ``--nproc N`` checks the config for N ranks, then starts
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 import yaml
 
-from llip_scale.config import Config, ConfigError, load_config, local_batch_size, save_config, to_dict
+from llip_scale.config import Config, ConfigError, batch_split, load_config, save_config, to_dict
 from llip_scale.data.build import build_loader, check_data, tokenizer_from_config
 from llip_scale.data.stream import DataError
 from llip_scale.eval.periodic import evaluate_run, log_mixing
@@ -52,6 +53,7 @@ from llip_scale.train.distributed import (
 )
 from llip_scale.train.engine import clamp_logit_scale, compute_dtype, initialize, step_optimizer
 from llip_scale.train.metrics import MetricsWriter, Progress, StepMeter
+from llip_scale.train.step import forward_step
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_PREEMPTED = 0, 1, 2, 75
 
@@ -151,7 +153,7 @@ def spawn(cfg: Config, args: argparse.Namespace, world: int) -> int:
                           "drop --nproc")
     if args.nproc < 1:
         raise ConfigError(f"--nproc={args.nproc} must be >= 1")
-    local_batch_size(cfg, args.nproc)
+    batch_split(cfg, args.nproc)
     return run_local(args.nproc, args.config, args.overrides)
 
 
@@ -224,7 +226,8 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
     preempt = PreemptionFlag(cfg.distributed.preempt_signals).install() if own_flag else preempt
     check_data(cfg)
     tokenizer = tokenizer_from_config(cfg)
-    b_local = local_batch_size(cfg, env.world_size)
+    micro, accum = batch_split(cfg, env.world_size)
+    b_local = micro * accum
 
     if env.local_rank == 0:  # before any rank of this machine loads a run-time built extension
         clear_stale_locks(report=log.warning)
@@ -241,38 +244,39 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
         loader.load_state_dict(state.data)
     batches = iter(loader)
 
-    flops = train_flops_per_sample(cfg.model, cfg.batch_size, cfg.distributed.activation_checkpointing)
+    flops = train_flops_per_sample(cfg.model, cfg.batch_size, cfg.distributed.activation_checkpointing, accum=accum)
     meter = StepMeter(cfg.batch_size, flops, env.world_size * cfg.logging.peak_tflops * 1e12)
     writer = MetricsWriter(cfg.run_dir, env.is_main, cfg.logging.tensorboard, state.step)
     progress = Progress(cfg.steps, state.step, cfg.logging.progress, env.is_main)
     dtype = compute_dtype(cfg)
-    log.info("run %s: %s, %d ranks, ZeRO-%d, %s, step %d of %d", cfg.run_dir, cfg.model.name, env.world_size,
-             cfg.distributed.zero_stage, cfg.distributed.precision, state.step, cfg.steps)
+    log.info("run %s: %s, %d ranks x %d micro-batches of %d, ZeRO-%d, %s, step %d of %d", cfg.run_dir,
+             cfg.model.name, env.world_size, accum, micro, cfg.distributed.zero_stage, cfg.distributed.precision,
+             state.step, cfg.steps)
 
     scale = bias = gnorm = lr = float("nan")
     final: dict[str, float] = {}
     status = "done"
     try:
         while state.step < cfg.steps:
-            # -- one step: local images x all ranks' texts --------------------------------------
+            # -- one step: local images x all ranks' texts, in `accum` micro-batches --------------
             wait = time.perf_counter()
             batch = next(batches)
             meter.waited(time.perf_counter() - wait)
             images = batch.images.to(env.device, dtype, non_blocking=True)  # [B_local, 3, S, S]
             tokens = batch.tokens.to(env.device, non_blocking=True)  # [B_local, L]
-            loss = engine(images, tokens, gather=all_gather_with_grad, offset=env.rank * b_local)
-            verdict = agree(loss, preempt.requested)  # the same decisions on every rank
+            step = forward_step(engine, images, tokens, accum, gather=all_gather_with_grad, offset=env.rank * b_local)
+            verdict = agree(step.loss, preempt.requested)  # the same decisions on every rank
             if verdict.nonfinite:
                 skip_update(state, cfg)
             else:
                 lr = engine.get_lr()[0]  # the rate this update uses
-                gnorm = step_optimizer(engine, loss)
+                gnorm = step_optimizer(engine, step.loss, step.more)
                 scale, bias = clamp_logit_scale(engine)
                 state.updates += 1
                 state.nonfinite_streak = 0
                 state.pending_losses.append(verdict.loss)
             state.step += 1
-            state.data = batch.state
+            state.data, step = batch.state, None  # the step's cached features are freed here
             meter.stepped()
 
             # -- metrics ------------------------------------------------------------------------
