@@ -54,6 +54,7 @@ bench: venv
 	$(PY) tools/bench_loader.py --json benchmarks/loader_cpu.json
 	$(PY) tools/bench_train.py --json benchmarks/train_cpu.json
 	$(PY) tools/bench_eval.py --json benchmarks/eval_cpu.json
+	$(PY) tools/bench_accum.py --repeats 3 --json benchmarks/accum_cpu.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
