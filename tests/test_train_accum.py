@@ -47,7 +47,7 @@ def two_models(kind: str, backend: str, dtype: torch.dtype):
 
 
 def assert_same_step(one, accumulated, one_loss, acc_loss, rtol: float) -> None:
-    assert float(acc_loss) == pytest.approx(float(one_loss), rel=rtol)
+    assert acc_loss.item() == pytest.approx(one_loss.item(), rel=rtol)
     for (name, p), q in zip(one.named_parameters(), accumulated.parameters()):
         assert p.grad is not None and p.grad.abs().max() > 0, f"{name} got no gradient"
         scale = float(p.grad.abs().max())
@@ -90,6 +90,23 @@ def test_accumulation_with_an_offset_matches_the_global_positives():
     loss = one(images, tokens, gather=twice, offset=BATCH)
     loss.backward()
     backward(step := forward_step(acc, images, tokens, ACCUM, gather=twice, offset=BATCH))
+    assert_same_step(one, acc, loss, step.loss, rtol=1e-10)
+
+
+def test_a_loss_scale_is_applied_once_per_backward_pass():
+    """fp16 training scales every backward pass by the loss scale (DeepSpeed does): the cached
+    gradients, which come out scaled, are unscaled before the replayed passes scale them again."""
+    cfg, one, acc = two_models("llip", "chunked", torch.float64)
+    images, tokens = batch(cfg, torch.float64)
+    loss = one(images, tokens)
+    loss.backward()
+    step = forward_step(acc, images, tokens, ACCUM)
+    scale = 1024.0
+    (step.loss * scale).backward()
+    for build in step.more:
+        (build() * scale).backward()
+    for p in acc.parameters():
+        p.grad /= scale
     assert_same_step(one, acc, loss, step.loss, rtol=1e-10)
 
 
@@ -210,4 +227,4 @@ def test_two_ranks_accumulating_equal_four_ranks(tmp_path: Path, stage: int):
     assert ref.keys() == got.keys()
     for name in ref:
         a, b = _comparable(name, ref[name]), _comparable(name, got[name])
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5 * float(a.abs().max()), msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5 * a.abs().max().item(), msg=lambda m: f"{name}: {m}")

@@ -276,7 +276,8 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
                 state.nonfinite_streak = 0
                 state.pending_losses.append(verdict.loss)
             state.step += 1
-            state.data, step = batch.state, None  # the step's cached features are freed here
+            state.data = batch.state
+            step = None  # frees the step's feature cache before the next batch is encoded
             meter.stepped()
 
             # -- metrics ------------------------------------------------------------------------
