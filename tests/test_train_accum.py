@@ -228,3 +228,25 @@ def test_two_ranks_accumulating_equal_four_ranks(tmp_path: Path, stage: int):
     for name in ref:
         a, b = _comparable(name, ref[name]), _comparable(name, got[name])
         torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5 * a.abs().max().item(), msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.slow
+def test_an_accumulating_run_resumes_bit_for_bit(tmp_path: Path):
+    """Resumed from its step-2 checkpoint, a run with 4 micro-batches per step ends with the
+    step-4 checkpoint of the uninterrupted run, bit for bit (the RNG replay is deterministic)."""
+    import shutil
+
+    from _train_helpers import checkpoint_differences, tail, train_command
+
+    config = write_config(tmp_path / "config.yaml", steps=4, micro_batch_size=2, checkpoint={"every": 2, "keep_last": 2},
+                          eval={"heldout_samples": 0}, logging={"every": 1, "tensorboard": False, "progress": "lines"})
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    out = run(train_command(config, [f"run_dir={whole}"], nproc=1))
+    assert out.returncode == 0, tail(out.stdout + out.stderr)
+    last = "checkpoints/step_0000000004"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / last)
+    out = run(train_command(config, [f"run_dir={resumed}"], nproc=1))
+    assert out.returncode == 0, tail(out.stdout + out.stderr)
+    assert "step 2 of 4" in out.stderr  # it resumed rather than starting over
+    assert checkpoint_differences(whole / last, resumed / last) == []
