@@ -202,7 +202,7 @@ def _comparable(name: str, value: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3])  # 2: gradients reduced in every backward pass
 def test_two_ranks_accumulating_equal_four_ranks(tmp_path: Path, stage: int):
     from _train_helpers import metrics, tail, train_command
 
