@@ -42,6 +42,10 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _norm(dim: int, on: bool) -> nn.Module:
     return nn.LayerNorm(dim) if on else nn.Identity()
 
@@ -239,9 +243,9 @@ class ContrastiveModel(nn.Module):
         txt = self.encode_text(tokens)
         if encode:
             return img, txt
-        if feature_grads is not None:
+        if feature_grads is not None:  # summed in fp32 at least: only its backward matters, not its size
             pairs = zip((*img, *txt), (*feature_grads[0], *feature_grads[1]))
-            return sum((f * g.to(f.dtype)).sum() for f, g in pairs)
+            return sum((_at_least_fp32(f) * _at_least_fp32(g)).sum() for f, g in pairs)
         if cached is not None:  # this micro-batch first, as in the local batch
             img = tuple(torch.cat(parts) for parts in zip(img, cached[0]))
             txt = tuple(torch.cat(parts) for parts in zip(txt, cached[1]))

@@ -59,6 +59,9 @@ def forward_step(model: Callable[..., Any], images: Tensor, tokens: Tensor, accu
     global batch, encoded in ``accum`` micro-batches. ``model``: the engine or the plain model."""
     if accum == 1:
         return StepLoss(model(images, tokens, gather=gather, offset=offset))
+    if images.shape[0] % accum or tokens.shape[0] != images.shape[0]:
+        raise ValueError(f"a local batch of {images.shape[0]} images and {tokens.shape[0]} texts does not split "
+                         f"into {accum} micro-batches")
     micro = images.shape[0] // accum
     image_parts, token_parts = images.split(micro), tokens.split(micro)
     states, parts = [], []
@@ -70,8 +73,9 @@ def forward_step(model: Callable[..., Any], images: Tensor, tokens: Tensor, accu
     cache = tuple(tuple(torch.cat(f).detach().requires_grad_() for f in zip(*(p[side] for p in parts)))
                   for side in (0, 1))
     loss = model(image_parts[0], token_parts[0], gather=gather, offset=offset, cached=cache)
-    # The gradient reaching the loss is the loss scale (fp16) of the backward that follows; the
-    # cached gradients are divided by it, as the replayed backward passes are scaled again.
+    # The gradient reaching the loss is the loss scale (fp16) of the backward that follows: the
+    # cached gradients come out scaled by it, and so would each replayed pass. The replayed
+    # scalars are divided by it instead of the gradients, which would underflow in fp16.
     scale: list[Tensor] = []
     loss.register_hook(lambda grad: scale.append(grad.detach()))
     more = [partial(_replay, model, image_parts[m], token_parts[m], states[m - 1], cache,
@@ -84,14 +88,14 @@ def _replay(model: Callable[..., Any], images: Tensor, tokens: Tensor, state: tu
     """Micro-batch ``rows`` of the cache re-encoded with autograd under the RNG state of its
     first pass: the scalar whose backward is the loss's backward through this micro-batch."""
     set_rng_state(state, images.device)
+    grads = tuple(tuple(_grad(leaf, rows) for leaf in side) for side in cache)
+    surrogate = model(images, tokens, feature_grads=grads)
     s = float(scale[0]) if scale else 1.0
-    grads = tuple(tuple(_grad(leaf, rows, s) for leaf in side) for side in cache)
-    return model(images, tokens, feature_grads=grads)
+    return surrogate if s == 1.0 else surrogate / s
 
 
-def _grad(leaf: Tensor, rows: slice, scale: float) -> Tensor:
-    grad = leaf.grad[rows] if leaf.grad is not None else torch.zeros_like(leaf[rows])
-    return grad if scale == 1.0 else grad / scale
+def _grad(leaf: Tensor, rows: slice) -> Tensor:
+    return leaf.grad[rows] if leaf.grad is not None else torch.zeros_like(leaf[rows])
 
 
 def backward(step: StepLoss) -> None:
