@@ -139,7 +139,12 @@ def test_the_second_pass_replays_the_random_draws_of_the_first(kind):
     for name, hook in hooks.items():
         getattr(acc, name).register_forward_hook(hook)
     torch.manual_seed(123)
-    backward(step := forward_step(acc, images, tokens, ACCUM))
+    step = forward_step(acc, images, tokens, ACCUM)
+    after_first_pass = torch.get_rng_state()
+    backward(step)
+    # The replays rewound the RNG; the step leaves it where the first pass did, so that the
+    # next step draws new masks instead of repeating this step's.
+    assert torch.equal(torch.get_rng_state(), after_first_pass)
     for name, hook in hooks.items():
         assert len(hook.recorded) == ACCUM  # micro-batch 0, then the three replayed ones
         masks = torch.cat(hook.recorded)

@@ -73,23 +73,29 @@ def forward_step(model: Callable[..., Any], images: Tensor, tokens: Tensor, accu
     cache = tuple(tuple(torch.cat(f).detach().requires_grad_() for f in zip(*(p[side] for p in parts)))
                   for side in (0, 1))
     loss = model(image_parts[0], token_parts[0], gather=gather, offset=offset, cached=cache)
+    end = rng_state(images.device)  # where the last replay leaves the RNG: the next step draws afresh
     # The gradient reaching the loss is the loss scale (fp16) of the backward that follows: the
     # cached gradients come out scaled by it, and so would each replayed pass. The replayed
     # scalars are divided by it instead of the gradients, which would underflow in fp16.
     scale: list[Tensor] = []
     loss.register_hook(lambda grad: scale.append(grad.detach()))
     more = [partial(_replay, model, image_parts[m], token_parts[m], states[m - 1], cache,
-                    slice((m - 1) * micro, m * micro), scale) for m in range(1, accum)]
+                    slice((m - 1) * micro, m * micro), scale, end if m == accum - 1 else None)
+            for m in range(1, accum)]
     return StepLoss(loss, more)
 
 
 def _replay(model: Callable[..., Any], images: Tensor, tokens: Tensor, state: tuple[Tensor, Optional[Tensor]],
-            cache: tuple[Features, Features], rows: slice, scale: list[Tensor]) -> Tensor:
+            cache: tuple[Features, Features], rows: slice, scale: list[Tensor],
+            end: Optional[tuple[Tensor, Optional[Tensor]]]) -> Tensor:
     """Micro-batch ``rows`` of the cache re-encoded with autograd under the RNG state of its
-    first pass: the scalar whose backward is the loss's backward through this micro-batch."""
+    first pass: the scalar whose backward is the loss's backward through this micro-batch.
+    ``end``: the RNG state to leave behind (the last replay)."""
     set_rng_state(state, images.device)
     grads = tuple(tuple(_grad(leaf, rows) for leaf in side) for side in cache)
     surrogate = model(images, tokens, feature_grads=grads)
+    if end is not None:
+        set_rng_state(end, images.device)
     s = float(scale[0]) if scale else 1.0
     return surrogate if s == 1.0 else surrogate / s
 
