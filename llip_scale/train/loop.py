@@ -52,6 +52,7 @@ from llip_scale.train.distributed import (
 )
 from llip_scale.train.engine import clamp_logit_scale, compute_dtype, initialize, step_optimizer
 from llip_scale.train.metrics import MetricsWriter, Progress, StepMeter
+from llip_scale.train.reshard import check_world_size
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_PREEMPTED = 0, 1, 2, 75
 
@@ -151,6 +152,7 @@ def spawn(cfg: Config, args: argparse.Namespace, world: int) -> int:
                           "drop --nproc")
     if args.nproc < 1:
         raise ConfigError(f"--nproc={args.nproc} must be >= 1")
+    check_world_size(cfg, args.nproc)
     local_batch_size(cfg, args.nproc)
     return run_local(args.nproc, args.config, args.overrides)
 
@@ -224,6 +226,7 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
     preempt = PreemptionFlag(cfg.distributed.preempt_signals).install() if own_flag else preempt
     check_data(cfg)
     tokenizer = tokenizer_from_config(cfg)
+    check_world_size(cfg, env.world_size)  # names the world sizes that work
     b_local = local_batch_size(cfg, env.world_size)
 
     if env.local_rank == 0:  # before any rank of this machine loads a run-time built extension
@@ -233,7 +236,7 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
     engine = initialize(cfg, env)
     seed_all(cfg.seed + 1 + env.rank)  # anything random during training differs per rank
     state = TrainState()
-    saved = checkpoint.resume(engine, cfg.run_dir, env) if cfg.checkpoint.resume else None
+    saved = checkpoint.resume(engine, cfg.run_dir, env, cfg) if cfg.checkpoint.resume else None
     if saved is not None:
         state = TrainState(**saved["train"])
     loader = build_loader(cfg, env, tokenizer)
