@@ -424,8 +424,13 @@ def _log_resume(found: CheckpointDir, cfg: Optional[Config], env: DistEnv) -> No
     saved_world = read_marker(found.path)["world_size"]
     if cfg is None or saved_world == env.world_size:
         return
-    saved = yaml.safe_load((found.path / "config.yaml").read_text())
-    saved_split = config_split(_BatchSettings(saved), saved_world)
+    try:
+        saved_split = config_split(_BatchSettings(yaml.safe_load((found.path / "config.yaml").read_text())),
+                                   saved_world)
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:  # the line only, not the resume
+        log.info("resumed on %d ranks (was %d); the saved config.yaml is unreadable (%s)", env.world_size,
+                 saved_world, e)
+        return
     log.info(resumed_line(found.step, saved_world, env.world_size, saved_split, config_split(cfg, env.world_size),
                           cfg.batch_size))
 

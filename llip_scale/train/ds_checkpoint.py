@@ -6,9 +6,12 @@ attributes a resharded load sets. Each function is small and tested on its own
 (tests/test_reshard.py), so a DeepSpeed upgrade that moves one of them fails one test by name.
 
     folder ──> layout() ──> "whole" | "zero3" | "partitioned"
-    zero_pp_rank_R_mp_rank_00_optim_states.pt ──(mmap)──> read_zero3_partition()
-    model states file ──(mmap)──> read_model_states() ──> lr scheduler, engine counters
+    zero_pp_rank_R_mp_rank_00_optim_states.pt ──(mmap)──> read_zero3_partition() (stage 3)
+                                              ──(mmap)──> read_zero12_partition() (stages 1, 2)
+    model states file ──(mmap)──> read_model_states() ──> lr scheduler, engine counters, and at
+                                  stages 0-2 the module's weights (load_module_weights)
     a new rank's partition (built by llip_scale.train.reshard) ──> load_zero3_partition(engine)
+                                                              ──> load_zero12_partition(engine)
 
 No module here imports deepspeed (unpickling a checkpoint file imports the DeepSpeed classes
 it names, e.g. the loss scaler).
@@ -42,15 +45,16 @@ def layout(names: Iterable[str], zero_stage: int) -> str:
 
     * ``whole``: in one file that every rank loads (stage 0 in fp32 or fp16);
     * ``zero3``: one flat partition per rank, each parameter split evenly (stage 3);
-    * ``partitioned``: flat partitions DeepSpeed aligns and pads per group (stages 1 and 2,
-      and the bf16 optimizer DeepSpeed uses at stage 0).
+    * ``zero12``: one flat partition per rank of each parameter group, which DeepSpeed pads
+      (stages 1 and 2);
+    * ``bf16``: the partitions of the bf16 optimizer DeepSpeed uses at stage 0 (not resharded).
     """
     names = list(names)
     if any(n.startswith("bf16_zero_pp_rank_") for n in names):
-        return "partitioned"
+        return "bf16"
     if not any(_ZERO_OPTIM.match(n) for n in names):
         return "whole"
-    return "zero3" if zero_stage == 3 else "partitioned"
+    return "zero3" if zero_stage == 3 else "zero12"
 
 
 def _load(path: Path) -> dict:
@@ -96,9 +100,73 @@ def zero3_state_dict(partition: Zero3Partition, world_size: int) -> dict:
     return out
 
 
+@dataclass
+class Zero12Partition:
+    """One rank's share of a ZeRO-1/2 optimizer: per parameter group, its flat fp32 master and
+    moments, and where each parameter's fragment lies in them (name -> (start, numel))."""
+    flat: list[dict[str, torch.Tensor]]
+    fragments: list[dict[str, tuple[int, int]]]
+    steps: list[Any]
+    common: dict
+
+
+def read_zero12_partition(folder: Path, rank: int) -> Zero12Partition:
+    sd = _load(Path(folder) / zero3_optim_file(rank))["optimizer_state_dict"]
+    base = sd["base_optimizer_state"]
+    groups = range(len(sd["single_partition_of_fp32_groups"]))
+    flat = [{"fp32": sd["single_partition_of_fp32_groups"][i], **{k: base["state"][i][k] for k in MOMENTS}}
+            for i in groups]
+    fragments = [{name: (int(a.start), int(a.numel)) for name, a in sd["param_slice_mappings"][i].items()}
+                 for i in groups]
+    common = {k: v for k, v in sd.items() if k not in ("single_partition_of_fp32_groups", "base_optimizer_state")}
+    common["param_groups"] = base["param_groups"]
+    return Zero12Partition(flat, fragments, [base["state"][i]["step"] for i in groups], common)
+
+
+def zero12_state_dict(engine: Any, partition: Zero12Partition) -> dict:
+    """The optimizer state dict DeepSpeed's ZeRO-1/2 optimizer of ``engine`` writes (and
+    loads), holding ``partition``: the padding and slice mappings are the engine's own."""
+    opt = engine.optimizer
+    state = {i: {"step": step.clone() if torch.is_tensor(step) else step,
+                 **{k: partition.flat[i][k] for k in MOMENTS}} for i, step in enumerate(partition.steps)}
+    out = {k: v for k, v in partition.common.items() if k != "param_groups"}
+    out.update(base_optimizer_state={"state": state, "param_groups": partition.common["param_groups"]},
+               single_partition_of_fp32_groups=[g["fp32"] for g in partition.flat],
+               group_paddings=opt.groups_padding, param_alignment_paddings=opt.round_robin_bit16_padding,
+               partition_count=opt.partition_count, param_slice_mappings=opt._param_slice_mappings)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # the live engine
 # ---------------------------------------------------------------------------------------------
+
+def zero12_layout(engine: Any) -> list[tuple[int, list[tuple[str, int, int, int]]]]:
+    """Per parameter group of the engine's ZeRO-1/2 optimizer: (numel of this rank's flat
+    partition, [(name, first element of the parameter held, its offset in the partition,
+    elements)] for the parameters this rank holds a fragment of)."""
+    opt = engine.optimizer
+    out = []
+    for i, group in enumerate(opt.bit16_groups):
+        held = [(opt.param_names[p], int(p._hp_mapping.lp_fragment_address.start),
+                 int(p._hp_mapping.hp_fragment_address.start), int(p._hp_mapping.lp_fragment_address.numel))
+                for p in group if getattr(p, "_hp_mapping", None) is not None]
+        out.append((int(opt.single_partition_of_fp32_groups[i].numel()), held))
+    return out
+
+
+def load_zero12_partition(engine: Any, state_dict: dict) -> None:
+    """Load this rank's ZeRO-1/2 optimizer state with DeepSpeed's own loader (fp32 master from
+    the state, not from the module weights)."""
+    opt = engine.optimizer
+    rank = torch.distributed.get_rank(group=opt.dp_process_group) if torch.distributed.is_initialized() else 0
+    opt.load_state_dict([None] * rank + [state_dict], load_optimizer_states=True, load_from_fp32_weights=True)
+
+
+def load_module_weights(engine: Any, model_states: dict) -> None:
+    """The module's weights as saved (stages 0-2 save them whole, in the compute dtype)."""
+    engine.module.load_state_dict(model_states["module"], strict=True)
+
 
 def zero3_layout(engine: Any) -> list[list[tuple[str, int]]]:
     """Per sub-group of the engine's ZeRO-3 optimizer, (parameter name, numel of this rank's

@@ -21,17 +21,22 @@ How the optimizer state moves, by the layout of the checkpoint (:func:`ds_checkp
         parameter ──> new rank r' needs elements [r' q', (r'+1) q') with q' = ceil(n / W'):
         zero3_pieces() names the old ranks and offsets that hold them ──> read through a
         memory map (only those pages) ──> the new rank's flat partition ──> DeepSpeed's loader
+    zero12 (stages 1, 2): old rank r holds a contiguous run of each group's flattened
+        parameters; its slice mappings say which part of which parameter ──> the new engine's
+        own mappings say which parts the new rank holds ──> copied the same way; the module's
+        weights come whole from the model states file, as DeepSpeed's own load reads them
 
 No conversion is written: each new rank reads only its slices of the verified checkpoint, so
 there is nothing to redo, or to leave half-written, when a job is preempted during a resume.
 Peak memory per rank: its own new partition (fp32 master + 2 moments: 12 bytes per parameter
 / W') on top of the engine's state, plus whatever of the memory-mapped files the page cache keeps.
 
-Stages 1 and 2 (and the bf16 optimizer at stage 0) pad and align their flat partitions per
-group; such a checkpoint resumes on the world size that wrote it only.
+The partitions of DeepSpeed's bf16 optimizer (bf16 at stage 0) are not resharded: such a
+checkpoint resumes on the world size that wrote it only.
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 from pathlib import Path
@@ -112,16 +117,14 @@ def resumed_line(step: int, saved_world: int, world: int, saved_split: tuple[int
 
 def check_resumable(path: Path, marker: dict, world_size: int) -> None:
     """ReshardError when the checkpoint at ``path`` (with completion marker ``marker``) cannot
-    be resumed on ``world_size`` ranks: a ZeRO-1/2 or bf16 layout written by another number."""
+    be resumed on ``world_size`` ranks: bf16 optimizer partitions written by another number."""
     saved = marker["world_size"]
     if saved == world_size:
         return
-    stage = marker.get("zero_stage", 3)
-    kind = ds_checkpoint.layout(marker["files"], stage)
-    if kind == "partitioned":
-        raise ReshardError(f"{path} was written by {saved} ranks with ZeRO-{stage} partitions, which resume only on "
-                           f"{saved} ranks (this run has {world_size}); rerun with {saved} ranks, or export it "
-                           "and start a new run")
+    if ds_checkpoint.layout(marker["files"], marker.get("zero_stage", 3)) == "bf16":
+        raise ReshardError(f"{path} holds the partitions of DeepSpeed's bf16 optimizer (bf16 at ZeRO stage 0), "
+                           f"which resume only on the {saved} ranks that wrote them (this run has {world_size}); "
+                           f"rerun with {saved} ranks, or use ZeRO stage 1-3 with bf16")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,16 +191,89 @@ def build_zero3_partition(folder: Path, shapes: list[dict[str, torch.Size]], old
     return ds_checkpoint.Zero3Partition(flat, first.steps, first.common)
 
 
+def _param_ranges(fragments: list[dict[str, tuple[int, int]]]) -> dict[str, list[tuple[int, int, int, int]]]:
+    """name -> [(old rank, start in its partition, first element of the parameter, elements)],
+    from the slice mappings of all old ranks (``fragments[rank]``) of one parameter group: the
+    partitions are consecutive runs of the flattened group, so a parameter's fragments follow
+    each other in rank order."""
+    out: dict[str, list[tuple[int, int, int, int]]] = {}
+    for rank, mapping in enumerate(fragments):
+        for name, (start, numel) in mapping.items():
+            pieces = out.setdefault(name, [])
+            first = pieces[-1][2] + pieces[-1][3] if pieces else 0
+            pieces.append((rank, start, first, numel))
+    return out
+
+
+def build_zero12_partition(folder: Path, old_world: int,
+                           new_layout: list[tuple[int, list[tuple[str, int, int, int]]]]) -> ds_checkpoint.Zero12Partition:
+    """A new rank's ZeRO-1/2 partition (its layout from :func:`ds_checkpoint.zero12_layout`),
+    read from the partitions of the ``old_world`` ranks in ``folder`` (memory-mapped: only the
+    slices it needs are read)."""
+    old = [ds_checkpoint.read_zero12_partition(folder, r) for r in range(old_world)]
+    flat = []
+    for g, (size, held) in enumerate(new_layout):
+        ranges = _param_ranges([o.fragments[g] for o in old])
+        out = {k: torch.zeros(size, dtype=torch.float32) for k in ("fp32", *ds_checkpoint.MOMENTS)}
+        for name, lp_start, hp_start, numel in held:
+            if name not in ranges:
+                raise ReshardError(f"{name} is not in the checkpoint; resume with the model config that wrote it")
+            for rank, start, first, count in ranges[name]:
+                lo, hi = max(lp_start, first), min(lp_start + numel, first + count)
+                if lo >= hi:
+                    continue
+                for key, tensor in old[rank].flat[g].items():
+                    out[key][hp_start + lo - lp_start:hp_start + hi - lp_start] = \
+                        tensor[start + lo - first:start + hi - first]
+        flat.append(out)
+    return ds_checkpoint.Zero12Partition(flat, [], old[0].steps, old[0].common)
+
+
 def load_resharded(engine: Any, folder: Path, marker: dict, world_size: int, rank: int) -> None:
     """Load the checkpoint at ``folder``, written by ``marker["world_size"]`` ranks, into the
     engine of ``rank`` of ``world_size`` (a collective under ZeRO-3)."""
     stage = marker.get("zero_stage", 3)
     states = ds_checkpoint.read_model_states(folder, stage)
-    shapes = ds_checkpoint.zero3_param_shapes(states)
-    partition = build_zero3_partition(folder, shapes, marker["world_size"], ds_checkpoint.zero3_layout(engine),
-                                      world_size, rank)
-    ds_checkpoint.load_zero3_partition(engine, ds_checkpoint.zero3_state_dict(partition, world_size))
+    if ds_checkpoint.layout(marker["files"], stage) == "zero12":
+        ds_checkpoint.load_module_weights(engine, states)
+        partition = build_zero12_partition(folder, marker["world_size"], ds_checkpoint.zero12_layout(engine))
+        ds_checkpoint.load_zero12_partition(engine, ds_checkpoint.zero12_state_dict(engine, partition))
+    else:
+        shapes = ds_checkpoint.zero3_param_shapes(states)
+        partition = build_zero3_partition(folder, shapes, marker["world_size"], ds_checkpoint.zero3_layout(engine),
+                                          world_size, rank)
+        ds_checkpoint.load_zero3_partition(engine, ds_checkpoint.zero3_state_dict(partition, world_size))
     ds_checkpoint.restore_engine_state(engine, states)
+
+
+def full_optimizer_state(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], list[Any], dict]:
+    """(name -> {"fp32", "exp_avg", "exp_avg_sq"} as full tensors, step per group, the state
+    common to all ranks) of a ZeRO-1/2/3 checkpoint, in one process: for inspecting and
+    comparing checkpoints of small models (it holds the whole optimizer state)."""
+    folder = Path(folder)
+    marker = json.loads((folder / "complete.json").read_text())
+    stage, world = marker.get("zero_stage", 3), marker["world_size"]
+    kind = ds_checkpoint.layout(marker["files"], stage)
+    if kind == "zero3":
+        shapes = ds_checkpoint.zero3_param_shapes(ds_checkpoint.read_model_states(folder, stage))
+        whole = [[(name, int(np.prod(shape)) if len(shape) else 1) for name, shape in g.items()] for g in shapes]
+        part = build_zero3_partition(folder, shapes, world, whole, 1, 0)
+        out = {}
+        for g, group in enumerate(whole):
+            offset = 0
+            for name, numel in group:
+                out[name] = {k: t[offset:offset + numel] for k, t in part.flat[g].items()}
+                offset += numel
+        return out, part.steps, part.common
+    if kind == "zero12":
+        parts = [ds_checkpoint.read_zero12_partition(folder, r) for r in range(world)]
+        out = {}
+        for g in range(len(parts[0].flat)):
+            for name, pieces in _param_ranges([p.fragments[g] for p in parts]).items():
+                out[name] = {k: torch.cat([parts[r].flat[g][k][s:s + n] for r, s, _, n in pieces])
+                             for k in ("fp32", *ds_checkpoint.MOMENTS)}
+        return out, parts[0].steps, parts[0].common
+    raise ValueError(f"{folder} keeps its optimizer state {kind}, not in ZeRO partitions")
 
 
 def needs_reshard(marker: dict, world_size: int) -> bool:
