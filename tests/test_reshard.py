@@ -86,8 +86,10 @@ def test_batch_split_and_the_world_sizes_that_work():
     assert reshard.valid_world_sizes(64, 8) == [1, 2, 4, 8]
     with pytest.raises(ConfigError) as e:
         reshard.batch_split(8, 3)
-    assert str(e.value) == "batch_size=8 does not split over 3 ranks; run on 1, 2, 4 or 8 ranks, or change batch_size"
-    with pytest.raises(ConfigError, match="micro_batch_size=8 does not split over 16 ranks; run on 1, 2, 4 or 8 "):
+    assert str(e.value) == ("batch_size=8 is not divisible by the 3 ranks; set batch_size to a multiple of 3, or run "
+                            "on 1, 2, 4 or 8 ranks")
+    with pytest.raises(ConfigError, match="x micro_batch_size=8; set batch_size to a multiple of 128, or run on "
+                                          "1, 2, 4 or 8 ranks"):
         reshard.batch_split(64, 16, 8)
 
 
@@ -95,8 +97,8 @@ def test_an_impossible_world_size_fails_before_any_compute(tmp_path):
     config = write_config(tmp_path / "config.yaml")
     out = run([PYTHON, "-m", "llip_scale.train", str(config), f"run_dir={tmp_path / 'run'}", "--nproc", "3"])
     assert out.returncode == 2, out.stderr
-    assert out.stderr.strip() == ("llip-train: config error: batch_size=8 does not split over 3 ranks; run on "
-                                  "1, 2, 4 or 8 ranks, or change batch_size")
+    assert out.stderr.strip() == ("llip-train: config error: batch_size=8 is not divisible by the 3 ranks; set "
+                                  "batch_size to a multiple of 3, or run on 1, 2, 4 or 8 ranks")
     assert not (tmp_path / "run").exists()
 
 

@@ -66,10 +66,13 @@ def batch_split(batch_size: int, world_size: int, micro_batch_size: int = 0) -> 
     per_rank, rest = divmod(batch_size, world_size)
     micro = micro_batch_size or per_rank
     if rest or per_rank == 0 or per_rank % micro:
-        fit = valid_world_sizes(batch_size, micro_batch_size)
-        with_micro = f" with micro_batch_size={micro_batch_size}" if micro_batch_size else ""
-        raise ConfigError(f"batch_size={batch_size}{with_micro} does not split over {world_size} ranks; run on "
-                          f"{_some(fit)} ranks, or change batch_size")
+        fit = _some(valid_world_sizes(batch_size, micro_batch_size))
+        if micro_batch_size:
+            raise ConfigError(f"batch_size={batch_size} is not divisible by the {world_size} ranks x micro_batch_size="
+                              f"{micro_batch_size}; set batch_size to a multiple of {world_size * micro_batch_size}, "
+                              f"or run on {fit} ranks")
+        raise ConfigError(f"batch_size={batch_size} is not divisible by the {world_size} ranks; set batch_size to a "
+                          f"multiple of {world_size}, or run on {fit} ranks")
     return micro, per_rank // micro
 
 
