@@ -2,7 +2,7 @@
 
 Fast: the slice arithmetic, the batch split and its error, the per-rank rules (RNG, data
 state), the layout classification. Slow (torchrun, 1-4 ranks, fp32 on the CPU): checkpoints of
-ZeRO stage 0, 1 and 3 written by 2 ranks (and stage 3 by 1 rank) are resumed on 1, 2 or 4 ranks
+ZeRO stage 0, 1, 2 and 3 written by 2 ranks (and stage 3 by 1 rank) are resumed on 1, 2 or 4 ranks
 and saved again at once, without training: the second checkpoint must hold the first one's
 fp32 master weights, Adam moments, step counts, scheduler and counters bit for bit, and so must
 the engine as DeepSpeed's public getters read it. Then a ZeRO-3 run of 2 ranks is continued
@@ -155,7 +155,7 @@ def test_layouts_and_what_cannot_be_resharded():
 
 STEP = "checkpoints/step_0000000003"
 # (stage, ranks that wrote the checkpoint, ranks that resume it)
-RESHARDS = [("0", 2, 1), ("0", 2, 4), ("1", 2, 1), ("1", 2, 4), ("3", 2, 1), ("3", 2, 4), ("3", 1, 2)]
+RESHARDS = [("0", 2, 1), ("0", 2, 4), ("1", 2, 1), ("1", 2, 4), ("2", 2, 1), ("3", 2, 1), ("3", 2, 4), ("3", 1, 2)]
 
 
 def worker_command(config: Path, source: Path, target: Path, stage: str, nproc: int) -> list[str]:
@@ -209,7 +209,7 @@ def runs(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("reshard")
     config = write_config(tmp / "config.yaml", steps=6, checkpoint={"every": 3, "keep_last": 2},
                           logging={"every": 1, "tensorboard": False, "progress": "lines"})
-    trained = {f"a{s}": (s, 2) for s in "013"} | {"s3": ("3", 1)}
+    trained = {f"a{s}": (s, 2) for s in "0123"} | {"s3": ("3", 1)}
     out = run_jobs({name: (train_command(config, [f"run_dir={tmp / name}", f"distributed.zero_stage={stage}"], n), n)
                     for name, (stage, n) in trained.items()})
     for name, result in out.items():
@@ -262,6 +262,18 @@ def test_a_resharded_resume_saves_the_same_state_bit_for_bit(runs, stage, old, n
     train_a = torch.load(a / "train_state_rank00000.pt", weights_only=False)
     train_b = torch.load(b / "train_state_rank00000.pt", weights_only=False)
     assert differences({**train_a["train"], "data": None}, train_b["train"]) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["src_a1", "src_a2", "src_a3", "src_s3"])
+def test_the_partition_readers_agree_with_deepspeeds_own_consolidation(runs, source):
+    """read_zero3_partition / read_zero12_partition / zero3_param_shapes against zero_to_fp32."""
+    folder = runs["dir"] / source / STEP
+    full, steps, common = reshard.full_optimizer_state(folder)
+    weights = consolidated_state_dict(folder)
+    assert differences({n: s["fp32"] for n, s in full.items()}, {n: w.flatten() for n, w in weights.items()}) == []
+    assert [float(s) for s in steps] == [3.0, 3.0] and len(common["param_groups"]) == 2
+    assert all(float(s["exp_avg_sq"].min()) >= 0 and float(s["exp_avg_sq"].max()) > 0 for s in full.values())
 
 
 @pytest.mark.slow

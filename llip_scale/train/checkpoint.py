@@ -18,7 +18,7 @@ the files, so the check reads every byte once across the ranks. One that fails t
 rank is skipped the same way (all ranks agree on the outcome), and skipped folders are renamed
 ``*.skipped``. ``llip-train --verify-checkpoint PATH`` runs the same checks on one folder.
 A checkpoint written by another number of ranks is loaded through :mod:`llip_scale.train.reshard`
-(each rank reads its slices of the ZeRO-3 partitions; the train state of rank 0, the RNG state of
+(each rank reads its slices of the ZeRO partitions; the train state of rank 0, the RNG state of
 the same rank where there was one, the data state through one replaceable rule).
 Export rebuilds the full fp32 weights into one safetensors file next to the model config, which
 :func:`llip_scale.load_pretrained` reads.
@@ -57,6 +57,7 @@ from llip_scale.train.reshard import (
     needs_reshard,
     rank_state,
     resumed_line,
+    saved_config_split,
 )
 
 log = logging.getLogger("llip_scale.train.checkpoint")
@@ -425,22 +426,13 @@ def _log_resume(found: CheckpointDir, cfg: Optional[Config], env: DistEnv) -> No
     if cfg is None or saved_world == env.world_size:
         return
     try:
-        saved_split = config_split(_BatchSettings(yaml.safe_load((found.path / "config.yaml").read_text())),
-                                   saved_world)
+        saved_split = saved_config_split(yaml.safe_load((found.path / "config.yaml").read_text()), saved_world)
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:  # the line only, not the resume
         log.info("resumed on %d ranks (was %d); the saved config.yaml is unreadable (%s)", env.world_size,
                  saved_world, e)
         return
     log.info(resumed_line(found.step, saved_world, env.world_size, saved_split, config_split(cfg, env.world_size),
                           cfg.batch_size))
-
-
-class _BatchSettings:
-    """The batch settings of a saved config.yaml, read like a config's."""
-
-    def __init__(self, saved: dict):
-        self.batch_size = int(saved["batch_size"])
-        self.micro_batch_size = int(saved.get("micro_batch_size") or 0)
 
 
 def resume(engine: Engine, run_dir: str | os.PathLike, env: DistEnv, cfg: Optional[Config] = None) -> Optional[dict]:

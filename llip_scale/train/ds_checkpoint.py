@@ -1,11 +1,13 @@
 """DeepSpeed's checkpoint files and the engine internals a resume on another world size touches.
 
 Everything here depends on how DeepSpeed (0.19) lays out a checkpoint folder or keeps its ZeRO
-state, and on nothing else of this project: file names, dictionary keys, and the few engine
-attributes a resharded load sets. Each function is small and tested on its own
-(tests/test_reshard.py), so a DeepSpeed upgrade that moves one of them fails one test by name.
+state, and on nothing else of this project: file names, dictionary keys, and the few private
+engine attributes a resharded load reads and sets. tests/test_reshard.py checks each function:
+the readers against DeepSpeed's own consolidation of the fp32 weights, the engine functions by
+resumes that must reproduce the saved state bit for bit, read back through DeepSpeed's public
+getters; a DeepSpeed upgrade that moves one of them fails there.
 
-    folder ──> layout() ──> "whole" | "zero3" | "partitioned"
+    folder ──> layout() ──> "whole" | "zero3" | "zero12" | "bf16"
     zero_pp_rank_R_mp_rank_00_optim_states.pt ──(mmap)──> read_zero3_partition() (stage 3)
                                               ──(mmap)──> read_zero12_partition() (stages 1, 2)
     model states file ──(mmap)──> read_model_states() ──> lr scheduler, engine counters, and at
@@ -13,8 +15,8 @@ attributes a resharded load sets. Each function is small and tested on its own
     a new rank's partition (built by llip_scale.train.reshard) ──> load_zero3_partition(engine)
                                                               ──> load_zero12_partition(engine)
 
-No module here imports deepspeed (unpickling a checkpoint file imports the DeepSpeed classes
-it names, e.g. the loss scaler).
+This module does not import deepspeed (unpickling a checkpoint file imports the DeepSpeed
+classes it names, e.g. the loss scaler).
 """
 from __future__ import annotations
 

@@ -97,6 +97,11 @@ def config_split(cfg: Any, world_size: int) -> tuple[int, int]:
     return batch_split(cfg.batch_size, world_size, getattr(cfg, "micro_batch_size", 0) or 0)
 
 
+def saved_config_split(saved: dict, world_size: int) -> tuple[int, int]:
+    """:func:`config_split` of a run's saved ``config.yaml`` (a dict)."""
+    return batch_split(int(saved["batch_size"]), world_size, int(saved.get("micro_batch_size") or 0))
+
+
 def check_world_size(cfg: Any, world_size: int) -> None:
     """ConfigError before any compute when the config's global batch does not split over
     ``world_size`` ranks."""
