@@ -33,6 +33,7 @@ import yaml
 from llip_scale.config import Config, ConfigError, load_config, local_batch_size, save_config, to_dict
 from llip_scale.data.build import build_loader, check_data, tokenizer_from_config
 from llip_scale.data.stream import DataError
+from llip_scale.dist.signals import hold
 from llip_scale.eval.periodic import evaluate_run, log_mixing
 from llip_scale.launchers.torchrun import run_local
 from llip_scale.scale.flops import train_flops_per_sample
@@ -209,6 +210,18 @@ def write_summary(cfg: Config, state: TrainState, final: dict[str, float], statu
     return summary
 
 
+def stopped_before_first_step(preempt: PreemptionFlag, state: TrainState, progress: Progress) -> bool:
+    """A stop signal that arrived during start-up (from the task's first instant on): every rank
+    agrees to stop before training a step. There is nothing new to save (the state is the resumed
+    checkpoint's, or the initial one), so the attempt ends at once and the launcher requeues it."""
+    hold("before-first-step")
+    if not agree(torch.zeros(()), preempt.requested).stop:
+        return False
+    progress.message(f"stopped by {preempt.received or 'a signal on another rank'} before the first step of this "
+                     f"attempt (step {state.step}); nothing new to save; rerun the same command to continue")
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------
@@ -251,9 +264,9 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
 
     scale = bias = gnorm = lr = float("nan")
     final: dict[str, float] = {}
-    status = "done"
+    status = "preempted" if stopped_before_first_step(preempt, state, progress) else "done"
     try:
-        while state.step < cfg.steps:
+        while state.step < cfg.steps and status == "done":
             # -- one step: local images x all ranks' texts --------------------------------------
             wait = time.perf_counter()
             batch = next(batches)
