@@ -47,5 +47,6 @@ def build_loader(cfg: Config, env: Any, tokenizer: Any, split: str = "train") ->
               image_size=cfg.model.vision.image_size, tokenizer=tokenizer, seed=cfg.seed)
     if cfg.data.source == "synthetic":
         return SyntheticLoader(cfg.data, split=split, **kw)
-    data_cfg = cfg.data if split == "train" else replace(cfg.data, shards=cfg.eval.heldout_shards)
+    # Held-out pairs are read once, never resumed: their streams fit the eval batch (auto).
+    data_cfg = cfg.data if split == "train" else replace(cfg.data, shards=cfg.eval.heldout_shards, streams=0)
     return build_train_loader(data_cfg, **kw)
