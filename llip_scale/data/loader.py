@@ -28,6 +28,7 @@ import logging
 import multiprocessing
 import os
 import signal
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -264,24 +265,30 @@ def reshard_state(states: Sequence[Any], rank: int, world_size: int) -> Any:
             return states[0]
         raise ConfigError("the ranks' saved data states differ and are not per-stream states of this loader "
                           "version; start the data stream fresh")
-    meta = {k: v for k, v in states[0].items() if k != "stream_states"}
-    for i, st in enumerate(states):
-        differ = sorted(k for k in set(meta) | set(st) if k != "stream_states" and st.get(k) != meta.get(k))
-        if differ:
-            raise ConfigError(f"the saved data state of rank {i} differs from rank 0's in {', '.join(differ)}; "
-                              f"the states do not come from one checkpoint")
-    by_stream: dict[int, dict] = {}
-    for st in states:
-        for stream_state in st["stream_states"]:
-            if by_stream.setdefault(stream_state["stream"], stream_state) is not stream_state:
-                raise ConfigError(f"stream {stream_state['stream']} is in the saved data state of two ranks; "
-                                  f"the states do not come from one checkpoint")
+    meta = _common_meta(states)
+    by_stream = {stream_state["stream"]: stream_state for st in states for stream_state in st["stream_states"]}
     if sorted(by_stream) != list(range(meta["streams"])):
         raise ConfigError(f"the saved data states hold {len(by_stream)} of {meta['streams']} streams; pass the "
                           f"state of every rank of the checkpoint, in rank order")
     check_shared(meta["streams"], world_size)
     return {**meta, "stream_states": [by_stream[s] for s in owned_streams(meta["streams"], rank, world_size)]}
 
+
+def _common_meta(states: Sequence[dict]) -> dict:
+    """What every rank's state must agree on (all but the stream states); a ConfigError when the
+    states cannot come from one checkpoint."""
+    meta = {k: v for k, v in states[0].items() if k != "stream_states"}
+    for i, st in enumerate(states):
+        differ = sorted(k for k in set(meta) | set(st) if k != "stream_states" and st.get(k) != meta.get(k))
+        if differ:
+            raise ConfigError(f"the saved data state of rank {i} differs from rank 0's in {', '.join(differ)}; "
+                              f"the states do not come from one checkpoint")
+    held = Counter(stream_state["stream"] for st in states for stream_state in st["stream_states"])
+    twice = sorted(s for s, n in held.items() if n > 1)
+    if twice:
+        raise ConfigError(f"stream {twice[0]} is in the saved data state of two ranks; the states do not come "
+                          f"from one checkpoint")
+    return meta
 
 
 def build_train_loader(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int,

@@ -1,0 +1,78 @@
+"""The data order through ``llip-train`` on 1, 2 and 4 ranks with different ``data.workers``:
+every step's ``data/keys_digest`` in ``metrics.jsonl`` is the same, and equals the digest of the
+global batch that the loaders give on one rank. The 2-rank run is stopped at step 2 and rerun
+with ``data.workers=0``: the per-stream data state continues the same key sequence.
+
+Three runs start together (each spends most of its time starting up), then the rerun.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from _train_helpers import HANG_LIMIT_S, SMALL, metrics, run, start, tail, train_command, write_config
+from shardgen import make_tokenizer, write_good_shards
+
+from llip_scale.data import DataConfig, build_train_loader, keys_digest
+
+pytestmark = pytest.mark.slow
+STEPS, BATCH = 4, SMALL["batch_size"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("order")
+    spec = write_good_shards(tmp / "shards", shards=4, per_shard=10)
+    tok = make_tokenizer(tmp)
+    data = {"source": "webdataset", "shards": spec, "tokenizer": tok.path, "shuffle_buffer": 4, "log_keys": True}
+    config = write_config(tmp / "config.yaml", data=data, steps=STEPS, eval={"heldout_samples": 0},
+                          checkpoint={"every": 2, "keep_last": 2}, logging={"every": 3, "tensorboard": False,
+                                                                            "progress": "lines"})
+    plans = {"one": (1, 0, STEPS), "two": (2, 2, 2), "four": (4, 1, STEPS)}  # ranks, workers, steps
+    cmds = {name: train_command(config, [f"run_dir={tmp / name}", f"data.workers={workers}", f"steps={steps}"],
+                                nproc=ranks) for name, (ranks, workers, steps) in plans.items()}
+    procs = {name: start(cmd) for name, cmd in cmds.items()}
+    out = {name: (proc.communicate(timeout=HANG_LIMIT_S)[0], proc.returncode) for name, proc in procs.items()}
+    out["two_resumed"] = run(train_command(config, [f"run_dir={tmp / 'two'}", "data.workers=0", f"steps={STEPS}"],
+                                           nproc=2))
+    out["dir"], out["data"], out["tok"] = tmp, data, tok
+    return out
+
+
+def expected_digests(runs) -> list[str]:
+    """The digests of the first STEPS global batches, from the loader on one rank."""
+    data, tok = runs["data"], runs["tok"]
+    cfg = DataConfig(shards=data["shards"], context_length=tok.context_length, workers=0,
+                     shuffle_buffer=data["shuffle_buffer"])
+    loader = build_train_loader(cfg, batch_size=BATCH, rank=0, world_size=1, image_size=16, tokenizer=tok,
+                                seed=SMALL["seed"])
+    return [keys_digest(b.keys) for b in itertools.islice(iter(loader), STEPS)]
+
+
+def digests(run_dir) -> list[str]:
+    return [m["data/keys_digest"] for m in metrics(run_dir) if "data/keys_digest" in m]
+
+
+def test_every_world_size_and_worker_count_sees_the_same_keys(runs):
+    for name in ("one", "two", "four"):
+        log, code = runs[name]
+        assert code == 0, f"{name}: " + tail(log)
+    expected = expected_digests(runs)
+    assert len(set(expected)) == STEPS
+    assert digests(runs["dir"] / "one") == expected
+    assert digests(runs["dir"] / "four") == expected
+    rows = metrics(runs["dir"] / "one")
+    assert [m["step"] for m in rows] == [1, 2, 3, 4]  # a digest every step, loss lines every 3
+    assert "train/loss" in rows[2] and "train/loss" not in rows[0]
+
+
+def test_a_rerun_with_other_workers_continues_the_key_sequence(runs):
+    again = runs["two_resumed"]
+    assert again.returncode == 0, tail(again.stdout + again.stderr)
+    assert "step_0000000002 (step 2)" in again.stderr
+    assert digests(runs["dir"] / "two") == expected_digests(runs)
+    final = runs["dir"] / "two" / "checkpoints" / "step_0000000004"
+    states = [torch.load(final / f"train_state_rank{r:05d}.pt", weights_only=False)["train"]["data"] for r in (0, 1)]
+    assert [[s["stream"] for s in st["stream_states"]] for st in states] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert all(st["batches"] == STEPS and st["streams"] == 8 for st in states)
