@@ -158,10 +158,6 @@ class TrainLoader:
                       "sources": sources_fingerprint(self.sources)}
         self._streams = [Stream(self.spec, s).state_dict() for s in self.owned]
         self._batches = 0
-        if cfg.workers > self.workers:
-            log.info("data: %d streams over %d rank(s) leave %d per rank, so %d of data.workers=%d run; "
-                     "raise data.streams to use them all", streams, self.world_size, len(self.owned),
-                     self.workers, cfg.workers)
 
     # -- state ------------------------------------------------------------------------------
 

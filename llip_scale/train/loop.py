@@ -2,11 +2,13 @@
 
 Flow: YAML + overrides -> validated config (written to ``RUN_DIR/config.yaml``) -> process
 group -> data sources checked -> model (``zero.Init`` under ZeRO-3) + AdamW + schedule in a
-DeepSpeed engine -> resume from the newest complete checkpoint of ``RUN_DIR`` if any -> the
+DeepSpeed engine -> resume from the newest complete checkpoint of ``RUN_DIR`` if any (each rank
+takes the saved states of the data streams it reads, from every rank's train state) -> the
 loop in :func:`main`: batch -> local images x gathered texts loss -> agree across ranks
 (global loss, non-finite, stop) -> backward + step + logit-scale clamp (or a skipped update)
--> metrics -> held-out evaluation -> checkpoint -> exit on preemption. Rerunning the same
-command continues an interrupted run. ``--nproc N`` checks the config for N ranks, then starts
+-> metrics (with ``data.log_keys``, a digest of the global batch's sample keys) -> held-out
+evaluation -> checkpoint -> exit on preemption. Rerunning the same command continues an
+interrupted run. ``--nproc N`` checks the config for N ranks, then starts
 them through torchrun (:mod:`llip_scale.launchers.torchrun`); ``--verify-checkpoint PATH`` checks
 a checkpoint's files against the sizes and checksums in its marker. Errors end in one line.
 
