@@ -169,8 +169,8 @@ class TrainLoader:
         """Continue after the batch whose ``.state`` this is (a state of this rank and world
         size: :func:`reshard_state` makes one from a run on another); call before iterating."""
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ConfigError("data state is not a state of this loader version; start the "
-                              "data stream fresh (do not load it)")
+            raise ConfigError("data state is not a per-stream state of this loader version (it predates "
+                              "data.streams); its data stream cannot be continued: train in a new run_dir")
         saved = state.get("streams")
         if self.cfg.streams == 0 and saved != self.n_streams and isinstance(saved, int) and saved > 0:
             check_shared(saved, self.world_size)  # auto: a run keeps the streams it started with
@@ -180,8 +180,8 @@ class TrainLoader:
             theirs = state.get(key)
             if theirs != ours:
                 raise ConfigError(f"data state was saved with {_what_differs(key, theirs, ours)}; resume with "
-                                  f"the same batch_size, data.streams, seeds and shards, or start the data "
-                                  f"stream fresh")
+                                  f"the same batch_size, data.streams, seeds and shards, or train in a new "
+                                  f"run_dir")
         held = [st["stream"] for st in state["stream_states"]]
         if held != list(self.owned):
             raise ConfigError(f"data state holds streams {held} but rank {self.rank} of {self.world_size} reads "
@@ -246,7 +246,7 @@ def check_shared(streams: int, world_size: int) -> None:
     if streams % world_size:
         raise ConfigError(f"the data state holds {streams} streams, which {world_size} ranks cannot share "
                           f"(each rank reads whole streams); resume on a number of ranks that divides "
-                          f"{streams}, or start the data stream fresh")
+                          f"{streams}")
 
 
 def reshard_state(states: Sequence[Any], rank: int, world_size: int) -> Any:
@@ -260,7 +260,7 @@ def reshard_state(states: Sequence[Any], rank: int, world_size: int) -> Any:
         if all(st == states[0] for st in states):
             return states[0]
         raise ConfigError("the ranks' saved data states differ and are not per-stream states of this loader "
-                          "version; start the data stream fresh")
+                          "version (they predate data.streams); train in a new run_dir")
     meta = _common_meta(states)
     by_stream = {stream_state["stream"]: stream_state for st in states for stream_state in st["stream_states"]}
     if sorted(by_stream) != list(range(meta["streams"])):
