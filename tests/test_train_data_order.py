@@ -76,3 +76,16 @@ def test_a_rerun_with_other_workers_continues_the_key_sequence(runs):
     states = [torch.load(final / f"train_state_rank{r:05d}.pt", weights_only=False)["train"]["data"] for r in (0, 1)]
     assert [[s["stream"] for s in st["stream_states"]] for st in states] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert all(st["batches"] == STEPS and st["streams"] == 8 for st in states)
+
+
+def test_a_rerun_with_other_streams_stops_in_one_line(runs):
+    """The checkpoint's data holds 8 streams (auto); a rerun asking for 4 cannot continue it."""
+    config = runs["dir"] / "config.yaml"
+    out = run(train_command(config, [f"run_dir={runs['dir'] / 'one'}", "data.streams=4", f"steps={STEPS + 2}"],
+                            nproc=1))
+    assert out.returncode == 2, tail(out.stdout + out.stderr)
+    errors = [line for line in out.stderr.splitlines() if "error" in line]
+    assert errors == ["llip-train: config error: data state was saved with data.streams=8 but this run has "
+                      "data.streams=4; resume with the same batch_size, data.streams, seeds and shards, or train "
+                      "in a new run_dir"], out.stderr
+    assert digests(runs["dir"] / "one") == expected_digests(runs)  # the run folder is as it was
