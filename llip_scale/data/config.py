@@ -28,9 +28,9 @@ class DataConfig:
     workers: int = 2  # DataLoader worker processes per rank (0: load in the training process)
     seed: int = 0  # mixed with the run seed: changes the data order without changing the init
     shuffle_buffer: int = 1000  # samples; shuffles within each shard, reset at shard boundaries
-    prefetch: int = 2  # batches prefetched per worker
+    prefetch: int = 2  # steps prefetched per worker (a step: the next chunk of each of its streams)
     crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range
-    max_skip_rate: float = 0.05  # stop when a worker skips more than this fraction of samples
+    max_skip_rate: float = 0.05  # stop when a stream skips more than this fraction of samples
     skip_check_after: int = 1000  # samples a stream sees before the skip rate is enforced
     log_keys: bool = False  # write a digest of each global batch's sample keys to metrics.jsonl
 

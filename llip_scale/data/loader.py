@@ -49,7 +49,7 @@ LOG_EVERY = 100  # batches between skip summaries
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # float32 [B, 3, S, S]
+    images: torch.Tensor  # float32 [B, 3, S, S], OpenAI mean/std normalised
     tokens: torch.Tensor  # int64 [B, context_length]
     state: dict  # picklable; resuming from it yields exactly the batches after this one
     skipped: dict[str, int]  # reason -> samples skipped by this rank's streams since the start of the run
