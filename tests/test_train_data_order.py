@@ -40,14 +40,18 @@ def runs(tmp_path_factory) -> dict:
     return out
 
 
+def loader(runs, world: int = 1, rank: int = 0, workers: int = 0):
+    """The runs' training loader of one rank, built directly."""
+    data, tok = runs["data"], runs["tok"]
+    cfg = DataConfig(shards=data["shards"], context_length=tok.context_length, workers=workers,
+                     shuffle_buffer=data["shuffle_buffer"])
+    return build_train_loader(cfg, batch_size=BATCH // world, rank=rank, world_size=world, image_size=16,
+                              tokenizer=tok, seed=SMALL["seed"])
+
+
 def expected_digests(runs) -> list[str]:
     """The digests of the first STEPS global batches, from the loader on one rank."""
-    data, tok = runs["data"], runs["tok"]
-    cfg = DataConfig(shards=data["shards"], context_length=tok.context_length, workers=0,
-                     shuffle_buffer=data["shuffle_buffer"])
-    loader = build_train_loader(cfg, batch_size=BATCH, rank=0, world_size=1, image_size=16, tokenizer=tok,
-                                seed=SMALL["seed"])
-    return [keys_digest(b.keys) for b in itertools.islice(iter(loader), STEPS)]
+    return [keys_digest(b.keys) for b in itertools.islice(iter(loader(runs)), STEPS)]
 
 
 def digests(run_dir) -> list[str]:
@@ -89,3 +93,19 @@ def test_a_rerun_with_other_streams_stops_in_one_line(runs):
                       "data.streams=4; resume with the same batch_size, data.streams, seeds and shards, or train "
                       "in a new run_dir"], out.stderr
     assert digests(runs["dir"] / "one") == expected_digests(runs)  # the run folder is as it was
+
+
+def test_the_checkpoints_data_states_continue_on_four_ranks(runs):
+    """What a resume on another world size does with the data: every rank reads all saved train
+    states of the 2-rank checkpoint and takes its streams; the 4 ranks continue the keys."""
+    from llip_scale.data import reshard_state
+    from llip_scale.train.loop import saved_data_states
+
+    states = saved_data_states(str(runs["dir"] / "two"), STEPS)
+    assert len(states) == 2
+    keys = []
+    for rank in range(4):
+        four = loader(runs, world=4, rank=rank, workers=1)
+        four.load_state_dict(reshard_state(states, rank, 4))
+        keys += next(iter(four)).keys
+    assert keys == next(itertools.islice(iter(loader(runs)), STEPS, None)).keys
