@@ -1,9 +1,11 @@
 """The data order through ``llip-train`` on 1, 2 and 4 ranks with different ``data.workers``:
 every step's ``data/keys_digest`` in ``metrics.jsonl`` is the same, and equals the digest of the
 global batch that the loaders give on one rank. The 2-rank run is stopped at step 2 and rerun
-with ``data.workers=0``: the per-stream data state continues the same key sequence.
+with ``data.workers=0``: the per-stream data state continues the same key sequence; its final
+checkpoint's data states, read the way a resume reads them, continue it on 4 ranks too. A rerun
+asking for other ``data.streams`` stops with one line.
 
-Three runs start together (each spends most of its time starting up), then the rerun.
+Three runs start together (each spends most of its time starting up), then the reruns.
 """
 from __future__ import annotations
 
