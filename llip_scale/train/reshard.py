@@ -9,9 +9,8 @@ losses), and so the logit-scale clamp state (it lives in the fp32 master). Per r
 * RNG: new rank r continues the RNG states of old rank r; ranks r >= W start from a seed made of
   the run's seed, r and the step. A run on another world size therefore cannot match, bit for
   bit, what the old world would have drawn on its ranks (nor does its batch split).
-* data: :func:`data_state_for_rank` maps all saved per-rank data states to one rank's state of
-  the new world; until data states are kept per stream it carries them over only when the world
-  size is unchanged, and otherwise starts a fresh data stream with a warning.
+* data: kept per stream, not per rank; the loop maps the data states of all saved ranks to each
+  rank of the new world (:func:`llip_scale.data.reshard_state`), so :func:`rank_state` leaves it out.
 
 How the optimizer state moves, by the layout of the checkpoint (:func:`ds_checkpoint.layout`):
 
@@ -37,18 +36,15 @@ checkpoint resumes on the world size that wrote it only.
 from __future__ import annotations
 
 import json
-import logging
 import random
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from llip_scale.errors import ConfigError
 from llip_scale.train import ds_checkpoint
-
-log = logging.getLogger("llip_scale.train.reshard")
 
 
 class ReshardError(RuntimeError):
@@ -312,36 +308,14 @@ class SavedStates(Sequence):
         return self._cache[rank]
 
 
-def data_state_for_rank(saved: Sequence[Any], world_size: int, rank: int) -> Optional[Any]:
-    """This rank's data state from the data states of all ranks of the saved world, or None
-    (start a fresh data stream). Per-rank streams carry over only to the same world size."""
-    if len(saved) == world_size:
-        return saved[rank]
-    if rank == 0:
-        log.warning("the data position does not carry over from %d to %d ranks: the data stream starts afresh "
-                    "(samples already seen may come again)", len(saved), world_size)
-    return None
-
-
 def rank_state(saved: SavedStates, world_size: int, rank: int, seed: int) -> dict:
     """The rank state (``{"train": ..., "rng": ...}``) of ``rank`` of ``world_size`` ranks from a
-    checkpoint's saved states: the train state of rank 0 (it is global), the RNG of the same rank
-    where the old world had one, else a fresh one from (seed, rank, step)."""
-    train = dict(saved[0]["train"])
-    train["data"] = data_state_for_rank(_DataStates(saved), world_size, rank)
+    checkpoint's saved states: the train state of rank 0 (it is global) without its data state
+    (the caller maps the per-stream data states of all ranks), the RNG of the same rank where the
+    old world had one, else a fresh one from (seed, rank, step)."""
+    train = {**saved[0]["train"], "data": None}
     rng = saved[rank]["rng"] if rank < len(saved) else fresh_rng(seed, rank, train.get("step", 0))
     return {"train": train, "rng": rng}
-
-
-class _DataStates(Sequence):
-    def __init__(self, saved: SavedStates):
-        self._saved = saved
-
-    def __len__(self) -> int:
-        return len(self._saved)
-
-    def __getitem__(self, rank: int) -> Any:  # type: ignore[override]
-        return self._saved[rank]["train"].get("data")
 
 
 def fresh_rng(seed: int, rank: int, step: int) -> dict:
