@@ -16,7 +16,7 @@ from typing import Literal
 import yaml
 
 from llip_scale.config_files import apply_overrides, deep_merge, load_yaml
-from llip_scale.data.config import DataConfig
+from llip_scale.data.config import DataConfig, stream_count
 from llip_scale.errors import ConfigError, check, from_dict, path_field, to_dict, validate_tree
 from llip_scale.launchers.config import LauncherConfig
 from llip_scale.model.config import ModelConfig
@@ -175,6 +175,7 @@ def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
     check(cfg.batch_size % world_size == 0,
           f"batch_size={cfg.batch_size} is not divisible by the {world_size} ranks; "
           f"set batch_size to a multiple of {world_size}")
+    stream_count(cfg.data.streams, cfg.batch_size, world_size)  # the ranks must share the streams evenly
     local = cfg.batch_size // world_size
     micro = cfg.micro_batch_size or local
     check(local % micro == 0,
@@ -185,7 +186,8 @@ def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
 
 def local_batch_size(cfg: Config, world_size: int) -> int:
     """The per-rank batch of one step (``micro_batch_size x accum``); a ConfigError when the
-    global batch does not split evenly over the ranks and micro-batches (see :func:`batch_split`)."""
+    global batch does not split evenly over the ranks, their streams and micro-batches (see
+    :func:`batch_split`)."""
     micro, accum = batch_split(cfg, world_size)
     return micro * accum
 
@@ -196,6 +198,7 @@ def validate(cfg: Config) -> Config:
     check(cfg.data.context_length in (None, cfg.model.text.context_length),
           f"model.text.context_length={cfg.model.text.context_length} differs from "
           f"data.context_length={cfg.data.context_length}; set both to the same value")
+    stream_count(cfg.data.streams, cfg.batch_size, 1)  # batch_size a multiple of data.streams
     return cfg
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from _train_helpers import PYTHON, REPO, run_env, tail, write_config
 
+from llip_scale.train import buildlock
 from llip_scale.train.buildlock import clear_stale_locks, extensions_root
 
 
@@ -41,6 +42,17 @@ def test_removes_only_the_locks_no_process_holds(tmp_path):
     finally:
         holder.communicate("")
     assert clear_stale_locks(tmp_path) == [busy]  # its holder has exited
+
+
+def test_a_lock_released_meanwhile_is_left_to_its_holder(tmp_path, monkeypatch):
+    """torch closes its lock, then removes it: caught in between, the lock looks unheld. Its
+    holder removes it a moment later; it must not be reported (or removed under its holder)."""
+    lock = tmp_path / "op" / "lock"
+    lock.parent.mkdir()
+    lock.touch()  # closed by its holder, not yet removed
+    monkeypatch.setattr(buildlock.time, "sleep", lambda _: lock.unlink())  # ... which the holder now does
+    lines: list[str] = []
+    assert clear_stale_locks(tmp_path, lines.append) == [] and lines == []
 
 
 @pytest.mark.slow

@@ -68,9 +68,17 @@ def test_unreadable_marker(tmp_path):
     assert "completion marker is unreadable" in first_problem(path)
 
 
-def test_other_world_size_stops_the_resume(tmp_path):
-    with pytest.raises(ResumeError, match="written by 4 ranks but this run has 2; rerun with 4 ranks"):
-        first_problem(fake_checkpoint(tmp_path, 10, world=4), world_size=2)
+def test_other_world_size_resumes_unless_bf16_partitions_were_written(tmp_path):
+    assert first_problem(fake_checkpoint(tmp_path, 10, world=4), world_size=2) is None  # resharded
+    path = fake_checkpoint(tmp_path, 20, world=4)
+    name = "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    (path / name).write_bytes(b"z" * 10)
+    marker = json.loads((path / MARKER).read_text())
+    marker["files"][name] = 10
+    (path / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(ResumeError, match="resume only on the 4 ranks that wrote them .this run has 2.; rerun with 4"):
+        first_problem(path, world_size=2)
+    assert first_problem(path, world_size=4) is None
 
 
 def _with_model_states(path: Path, name: str, state: dict) -> Path:

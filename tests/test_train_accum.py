@@ -188,8 +188,8 @@ def test_llip_train_nproc_rejects_an_impossible_split_before_starting(tmp_path: 
     out = run([PYTHON, "-m", "llip_scale.train", str(config), f"run_dir={tmp_path / 'run'}", "--nproc", "4"])
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
-        "llip-train: config error: micro_batch_size=4 does not divide the per-rank batch 2 (batch_size=8 over 4 "
-        "ranks); set micro_batch_size to one of 1, 2, or 0 for 2")
+        "llip-train: config error: batch_size=8 is not divisible by the 4 ranks x micro_batch_size=4; set batch_size "
+        "to a multiple of 16, or run on 1 or 2 ranks (or set micro_batch_size to 1 or 2, or 0)")
     assert not (tmp_path / "run").exists()
 
 

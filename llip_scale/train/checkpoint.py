@@ -17,6 +17,9 @@ cut short and padded), is skipped with a warning saying why; each rank checks it
 the files, so the check reads every byte once across the ranks. One that fails to load on any
 rank is skipped the same way (all ranks agree on the outcome), and skipped folders are renamed
 ``*.skipped``. ``llip-train --verify-checkpoint PATH`` runs the same checks on one folder.
+A checkpoint written by another number of ranks is loaded through :mod:`llip_scale.train.reshard`
+(each rank reads its slices of the ZeRO partitions; the train state of rank 0, the RNG state of
+the same rank where there was one, the data state through one replaceable rule).
 Export rebuilds the full fp32 weights into one safetensors file next to the model config, which
 :func:`llip_scale.load_pretrained` reads.
 """
@@ -45,6 +48,17 @@ from llip_scale.config import Config, to_dict
 from llip_scale.interop.pretrained import save_weights
 from llip_scale.train.distributed import DistEnv, all_gather_objects, barrier, broadcast_object
 from llip_scale.train.engine import Engine, consolidated_state_dict, load_engine, save_engine, zero_dim_parameters
+from llip_scale.train.reshard import (
+    ReshardError,
+    SavedStates,
+    check_resumable,
+    config_split,
+    load_resharded,
+    needs_reshard,
+    rank_state,
+    resumed_line,
+    saved_config_split,
+)
 
 log = logging.getLogger("llip_scale.train.checkpoint")
 
@@ -291,16 +305,18 @@ def problems(path: Path, world_size: Optional[int] = None, contents: bool = True
     """Every reason the checkpoint at ``path`` cannot be used (empty when it is sound): no or an
     unreadable marker, files missing or not the recorded size, and with ``contents`` files whose
     bytes are not the recorded checksum. With ``world_size`` (a resume by that many ranks),
-    raises :class:`ResumeError` when it was written by a different number of ranks or holds
-    0-dim parameters (:func:`check_parameter_shapes`)."""
+    raises :class:`ResumeError` when it cannot be resumed on that many ranks
+    (:func:`llip_scale.train.reshard.check_resumable`) or holds 0-dim parameters
+    (:func:`check_parameter_shapes`)."""
     try:
         info = read_marker(path)
     except ValueError as e:
         return [str(e)]
-    saved_world = info["world_size"]
-    if world_size is not None and saved_world != world_size:
-        raise ResumeError(f"{path} was written by {saved_world} ranks but this run has {world_size}; "
-                          f"rerun with {saved_world} ranks, or export it and start a new run")
+    if world_size is not None:
+        try:
+            check_resumable(path, info, world_size)
+        except ReshardError as e:
+            raise ResumeError(str(e)) from None
     out = []
     for rel, size in info["files"].items():
         f = path / rel
@@ -371,20 +387,59 @@ def _on_all_ranks(action: Callable[[], Any], env: DistEnv, what: str) -> tuple[A
     return (None, f"{what} failed on " + "; ".join(reasons)) if reasons else (result, None)
 
 
-def _load(engine: Engine, found: CheckpointDir, env: DistEnv) -> tuple[Optional[dict], Optional[str], bool]:
+def _read_rank_state(path: Path, rank: int) -> dict:
+    return torch.load(path / rank_state_name(rank), map_location="cpu", weights_only=False)
+
+
+def _rank_state(path: Path, marker: dict, env: DistEnv, seed: int) -> dict:
+    """This rank's train state: its own file, or on another world size the rule of
+    :func:`llip_scale.train.reshard.rank_state`."""
+    if marker["world_size"] == env.world_size:
+        return _read_rank_state(path, env.rank)
+    return rank_state(SavedStates(lambda r: _read_rank_state(path, r), marker["world_size"]), env.world_size,
+                      env.rank, seed)
+
+
+def _load_engine(engine: Engine, path: Path, marker: dict, env: DistEnv) -> None:
+    if needs_reshard(marker, env.world_size):
+        load_resharded(engine, path, marker, env.world_size, env.rank)
+    else:  # the same world, or one file that every rank loads whole
+        load_engine(engine, path.parent, path.name)
+
+
+def _load(engine: Engine, found: CheckpointDir, env: DistEnv, seed: int) -> tuple[Optional[dict], Optional[str], bool]:
     """(rank state, None, _) on success; (None, reason, whether the engine was touched)."""
-    state, why = _on_all_ranks(lambda: torch.load(found.path / rank_state_name(env.rank), map_location="cpu",
-                                                   weights_only=False), env, "reading the train state")
+    marker, why = _on_all_ranks(lambda: read_marker(found.path), env, "reading the completion marker")
+    if why is None:
+        state, why = _on_all_ranks(lambda: _rank_state(found.path, marker, env, seed), env, "reading the train state")
     if why is not None:
         return None, why, False
-    _, why = _on_all_ranks(lambda: load_engine(engine, found.path.parent, found.path.name), env,
+    _, why = _on_all_ranks(lambda: _load_engine(engine, found.path, marker, env), env,
                            "loading the model and optimizer")
     return (state, None, False) if why is None else (None, why, True)
 
 
-def resume(engine: Engine, run_dir: str | os.PathLike, env: DistEnv) -> Optional[dict]:
+def _log_resume(found: CheckpointDir, cfg: Optional[Config], env: DistEnv) -> None:
+    """On rank 0: the checkpoint resumed, and what changed with the world size."""
+    log.info("resumed from %s (step %d)", found.path, found.step)
+    saved_world = read_marker(found.path)["world_size"]
+    if cfg is None or saved_world == env.world_size:
+        return
+    try:
+        saved_split = saved_config_split(yaml.safe_load((found.path / "config.yaml").read_text()), saved_world)
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:  # the line only, not the resume
+        log.info("resumed on %d ranks (was %d); the saved config.yaml is unreadable (%s)", env.world_size,
+                 saved_world, e)
+        return
+    log.info(resumed_line(found.step, saved_world, env.world_size, saved_split, config_split(cfg, env.world_size),
+                          cfg.batch_size))
+
+
+def resume(engine: Engine, run_dir: str | os.PathLike, env: DistEnv, cfg: Optional[Config] = None) -> Optional[dict]:
     """Load the newest usable checkpoint into ``engine``; return its rank state (RNG restored),
-    or None when there is none and the run starts from scratch.
+    or None when there is none and the run starts from scratch. A checkpoint of another world
+    size is resharded (:mod:`llip_scale.train.reshard`); ``cfg`` seeds the RNG of ranks the saved
+    world did not have and describes the new batch split in the log.
 
     Rank 0 inspects the folders and every rank follows its verdict. Checkpoints skipped on
     the way (newer than the one loaded, so from an attempt that died) are renamed to
@@ -399,12 +454,12 @@ def resume(engine: Engine, run_dir: str | os.PathLike, env: DistEnv) -> Optional
         if why is None:
             why = _verify_contents(found.path, env)
         if why is None:
-            loaded, why, touched = _load(engine, found, env)
+            loaded, why, touched = _load(engine, found, env, cfg.seed if cfg is not None else 0)
             tainted = found.path if touched else tainted
             if loaded is not None:
                 set_rng_state(loaded["rng"])
                 if env.is_main:
-                    log.info("resumed from %s (step %d)", found.path, found.step)
+                    _log_resume(found, cfg, env)
                 break
         if env.is_main:
             log.warning("skipping checkpoint %s: %s", found.path, why)
