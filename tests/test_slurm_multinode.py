@@ -10,6 +10,9 @@ smallest demo config (tests/test_slurm.py's SMALLEST) through ``llip-launch --wa
   tensor bit for bit; every rank says where it runs, and the node-local setup (build locks,
   DeepSpeed ops) happens once per node;
 * a 2-node job preempted with TERM saves on both nodes, is requeued and resumes exactly;
+* when a node's rank dies (killed) or stops answering (its link down), the rank left leaves
+  within a bounded time (a closed connection at once, a hung peer after
+  distributed.timeout_minutes) with one line naming the rank and host that stopped answering;
 * the script itself leaves no namespace, link or /etc/hosts line behind.
 
 The instance has its own folder and ports ($LLIP_SLURM_MULTINODE_DIR, $LLIP_SLURM_MULTINODE_PORT_BASE),
@@ -17,15 +20,17 @@ so it runs beside the single-node one of tests/test_slurm.py. Needs root, as tho
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
-from _train_helpers import REPO, checkpoint_differences, metrics, tail
-from test_slurm import SIGTERM, Launch, _preempt, check_exact_resume, data_workers, slurmd_log
+from _train_helpers import HANG_LIMIT_S, REPO, checkpoint_differences, metrics, tail
+from test_slurm import SIGTERM, Launch, _preempt, check_exact_resume, data_workers, slurmd_log, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 MN_DIR = os.environ.get("LLIP_SLURM_MULTINODE_DIR", "/var/tmp/llip-slurm-multinode")
@@ -177,3 +182,58 @@ def test_preempting_a_two_node_job_with_term_resumes_exactly(two_nodes, demo_dat
     # Both attempts ran on both nodes.
     assert sorted({(rank, host) for rank, _, host, _, _, _ in places(launch.task_log())}) == \
         [("0", "node1"), ("1", "node2")]
+
+
+# ---------------------------------------------------------------------------------------------
+# losing a node
+# ---------------------------------------------------------------------------------------------
+
+def step_task(job_id: str, node: str) -> int:
+    """The training process of the job's step 0 on ``node`` (one task per node here)."""
+    out = subprocess.run(["scontrol", "listpids", f"{job_id}.0", node], capture_output=True, text=True)
+    tasks = [int(row[0]) for row in (line.split() for line in out.stdout.splitlines()[1:])
+             if len(row) == 5 and row[4].isdigit()]
+    assert len(tasks) == 1, out.stdout + out.stderr
+    return tasks[0]
+
+
+def release(launch: NodesLaunch) -> None:
+    for pid in launch.workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+def ended(launch: NodesLaunch) -> str:
+    """Wait for llip-launch --wait to report a final state other than COMPLETED; its output."""
+    out, _ = launch.proc.communicate(timeout=HANG_LIMIT_S)
+    assert launch.proc.returncode == 1 and f"job {launch.job_id} ended" in out, tail(out)
+    return out
+
+
+def test_a_killed_rank_on_another_node_ends_the_job_naming_it(cluster, demo_data, tmp_path):
+    launch = NodesLaunch(demo_data, tmp_path / "killed", TWO_NODES)
+    launch.hold()  # both ranks are past the start, waiting for a batch
+    rank1 = step_task(launch.job_id, "node2")
+    os.kill(rank1, signal.SIGKILL)
+    wait_until("rank 1 to die", lambda: not Path(f"/proc/{rank1}").exists() or
+               Path(f"/proc/{rank1}/stat").read_text().split(") ")[1].startswith("Z"), launch.proc)
+    release(launch)  # rank 0 goes on to its next collective and finds the connection closed
+    out = ended(launch)
+    log = launch.task_log()
+    address = socket.gethostbyname("node2")
+    assert f"rank 0 lost contact with the job: rank(s) 1 on host node2 ({address}) stopped answering" in log, \
+        tail(log, 60) + tail(out)
+
+
+def test_a_rank_behind_a_dead_link_ends_the_job_after_the_timeout(cluster, demo_data, tmp_path):
+    launch = NodesLaunch(demo_data, tmp_path / "link_down", [*TWO_NODES, "distributed.timeout_minutes=1"])
+    launch.hold()
+    link = f"llip{MN_PORT_BASE}n2"  # node2's end on the bridge: nothing reaches node2 any more
+    subprocess.run(["ip", "link", "set", link, "down"], check=True)
+    try:
+        release(launch)  # rank 0 sends to rank 1 and hears nothing back until the timeout
+        lost = "rank 0 lost contact with the job: a peer did not answer within distributed.timeout_minutes=1"
+        wait_until("rank 0 giving up on rank 1", lambda: lost in launch.task_log(), launch.proc)
+    finally:
+        subprocess.run(["ip", "link", "set", link, "up"], check=True)
+    ended(launch)  # once node2 can report again, the job ends

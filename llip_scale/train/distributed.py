@@ -288,10 +288,13 @@ def describe_place(env: DistEnv) -> str:
             f"{env.local_rank}; rendezvous {os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}")
 
 
-# How gloo and NCCL report a peer that died (closed connection) or hung (the process group's
-# timeout); a gloo connection error names the peer's address as [a.b.c.d]:port.
-_PEER_FAILURE = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|Timed out|timed out|"
-                           r"timeout|NCCL communicator was aborted|ProcessGroupNCCL", re.IGNORECASE)
+# How gloo and NCCL report a peer that died (closed or reset connection) or hung (the process
+# group's timeout), e.g. "[.../gloo/transport/tcp/pair.cc:537] Read error [10.0.0.2]:7570:
+# Connection reset by peer" or "[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting
+# 1800000ms for recv operation to complete": a phrase of either kind from a collective's backend.
+_PEER_FAILURE = re.compile(r"connection closed by peer|connection reset by peer|broken pipe|timed out|timeout|"
+                           r"communicator was aborted", re.IGNORECASE)
+_BACKEND = re.compile(r"gloo|nccl|c10d|ProcessGroup", re.IGNORECASE)
 _PEER_ADDRESS = re.compile(r"\[(\d+\.\d+\.\d+\.\d+)\]:\d+")
 
 
@@ -299,7 +302,8 @@ def lost_peer(error: BaseException, timeout_minutes: float) -> Optional[str]:
     """One line naming the rank(s) and host that stopped answering, when ``error`` is a collective
     that lost a peer; None for any other error."""
     text = str(error)
-    if not dist.is_initialized() or dist.get_world_size() == 1 or not _PEER_FAILURE.search(text):
+    from_backend = isinstance(error, dist.DistError) or bool(_BACKEND.search(text))
+    if not dist.is_initialized() or dist.get_world_size() == 1 or not (from_backend and _PEER_FAILURE.search(text)):
         return None
     me = dist.get_rank()
     found = _PEER_ADDRESS.search(text)
