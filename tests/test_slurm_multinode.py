@@ -21,6 +21,7 @@ so it runs beside the single-node one of tests/test_slurm.py. Needs root, as tho
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -237,3 +238,17 @@ def test_a_rank_behind_a_dead_link_ends_the_job_after_the_timeout(cluster, demo_
     finally:
         subprocess.run(["ip", "link", "set", link, "up"], check=True)
     ended(launch)  # once node2 can report again, the job ends
+
+
+def test_min_nodes_starts_on_the_nodes_that_are_up(cluster, demo_data, tmp_path):
+    """launcher.min_nodes=1 of 2 with node2 drained: Slurm starts the job on node1 alone."""
+    subprocess.run(["scontrol", "update", "NodeName=node2", "State=DRAIN", "Reason=test"], check=True)
+    try:
+        launch = NodesLaunch(demo_data, tmp_path / "min_nodes", [*TWO_NODES, "launcher.min_nodes=1"])
+        launch.finish()
+    finally:
+        subprocess.run(["scontrol", "update", "NodeName=node2", "State=RESUME"], check=True)
+    log = launch.task_log()
+    assert "#SBATCH --nodes=1-2" in next((tmp_path / "min_nodes" / "submitit").glob("*_submission.sh")).read_text()
+    assert places(log) == [("0", "1", "node1", socket.gethostbyname("node1"), "0", "node1")], tail(log, 60)
+    assert json.loads((launch.final_checkpoint() / "complete.json").read_text())["world_size"] == 1
