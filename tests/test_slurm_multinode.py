@@ -133,17 +133,34 @@ def places(log: str) -> list[tuple]:
     return sorted(PLACE.findall(log))
 
 
+def evaluation(demo_data: Path) -> list[str]:
+    """The demo's evaluations at the end of the run, which SMALLEST turns off: zero-shot,
+    retrieval and the held-out loss, each a collective over the ranks."""
+    return [f"eval.zeroshot_dir={demo_data / 'eval'}", f"eval.retrieval_dir={demo_data / 'eval'}",
+            "eval.heldout_samples=16"]
+
+
+def final_metrics(launch: NodesLaunch) -> dict:
+    summary = json.loads((launch.run_dir / "summary.json").read_text())
+    return {k: v for k, v in summary.items() if "/" in k}  # e.g. eval/zeroshot/top1
+
+
 @pytest.fixture(scope="module")
 def two_nodes(cluster, demo_data, tmp_path_factory) -> NodesLaunch:
     """The uninterrupted 2 x 1 run."""
-    launch = NodesLaunch(demo_data, tmp_path_factory.mktemp("slurm_mn") / "two_nodes", TWO_NODES)
+    launch = NodesLaunch(demo_data, tmp_path_factory.mktemp("slurm_mn") / "two_nodes",
+                         [*TWO_NODES, *evaluation(demo_data)])
     launch.finish()
     return launch
 
 
 def test_two_nodes_train_exactly_like_two_tasks_on_one_node(two_nodes, demo_data, tmp_path):
-    one = NodesLaunch(demo_data, tmp_path / "one_node")  # 1 node x 2 tasks (tests/test_slurm.py's LAUNCHER)
+    # 1 node x 2 tasks (tests/test_slurm.py's LAUNCHER)
+    one = NodesLaunch(demo_data, tmp_path / "one_node", evaluation(demo_data))
     one.finish()
+    finals = final_metrics(two_nodes)
+    assert any("zeroshot" in k for k in finals) and any("retrieval" in k for k in finals), finals
+    assert finals == final_metrics(one)
     log = two_nodes.task_log()
     assert "Traceback" not in log, tail(log, 80)
     diffs = checkpoint_differences(two_nodes.final_checkpoint(), one.final_checkpoint())
@@ -175,7 +192,7 @@ def test_two_by_two_runs_the_node_setup_once_per_node(cluster, demo_data, tmp_pa
 
 
 def test_preempting_a_two_node_job_with_term_resumes_exactly(two_nodes, demo_data, tmp_path):
-    launch = NodesLaunch(demo_data, tmp_path / "preempt_term", TWO_NODES)
+    launch = NodesLaunch(demo_data, tmp_path / "preempt_term", [*TWO_NODES, *evaluation(demo_data)])
     launch.hold()  # one DataLoader worker per node
     _preempt()
     launch.release_after(SIGTERM)
