@@ -1,6 +1,7 @@
 """The function a launcher runs in every task: distributed env from the scheduler, then training.
 
-Slurm/local submitit task -> RANK/WORLD_SIZE/MASTER_* exported from submitit's job environment ->
+Slurm/local submitit task (its first code, :mod:`llip_scale.launchers.task`, already records the
+stop signals) -> RANK/WORLD_SIZE/MASTER_* exported from submitit's job environment ->
 llip_scale.train.main(config) -> on a preemption or time-limit signal the trainer saves a complete
 checkpoint on every rank and returns EXIT_PREEMPTED -> from then on every task ignores the stop
 signals (a TERM of the requeue under way, a late time-limit warning) -> rank 0 asks Slurm whether
@@ -21,8 +22,9 @@ from typing import Callable, Optional
 import submitit
 
 from llip_scale.config import load_config
+from llip_scale.dist.signals import PreemptionFlag, ignore_stop_signals
 from llip_scale.launchers.slurm import slurm_job_state
-from llip_scale.train.distributed import PreemptionFlag, ignore_stop_signals
+from llip_scale.launchers.task import requeue_handler
 from llip_scale.train.loop import EXIT_PREEMPTED, main
 
 
@@ -33,9 +35,10 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> int:
         env = submitit.JobEnvironment()
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        submitit_handler = signal.getsignal(signal.SIGUSR2)  # checkpoint() + requeue, installed by submitit
+        submitit_handler = requeue_handler()  # checkpoint() + requeue, installed by submitit
         cfg = load_config(self.config_path)
-        # Installed now and never restored to submitit's handlers: after the run, a late USR2
+        # Until now the task's first code (launchers/task.py) recorded any stop signal; the flag
+        # takes those over. Never restored to submitit's handlers: after the run, a late USR2
         # would otherwise requeue a finished job (rank 0) or find the default action while the
         # process exits (FAILED, exit 140).
         preempt = PreemptionFlag(cfg.distributed.preempt_signals).install()
@@ -66,8 +69,12 @@ def _requeue(env: submitit.JobEnvironment, submitit_handler: Optional[Callable])
     if state not in (None, "RUNNING"):
         _say(f"Slurm is already requeuing or ending job {env.job_id} (state {state}); not requeuing it again")
         return
-    if not callable(submitit_handler):
-        return
+    if submitit_handler is None:
+        # Not started through launchers/task.py, and submitit's handler is gone: fail visibly
+        # rather than end as if the run were complete.
+        _say(f"cannot requeue job {env.job_id}: submitit's requeue handler is not installed; relaunch the same "
+             "config to continue from the newest checkpoint")
+        sys.exit(1)
     try:
         submitit_handler(signal.SIGUSR2, None)  # requeues and exits (or raises when out of requeues)
     except subprocess.CalledProcessError:

@@ -30,6 +30,7 @@ from llip_scale.data.build import check_data, tokenizer_from_config
 from llip_scale.launchers.job import TrainJob
 from llip_scale.launchers.slurm import wait_for_job
 from llip_scale.launchers.snapshot import snapshot_code
+from llip_scale.launchers.task import python_command
 
 SUBMITIT_DIR = "submitit"
 
@@ -61,7 +62,7 @@ def slurm_parameters(cfg: Config, code_dir: Path) -> dict:
 
 def slurm_executor(cfg: Config, run_dir: Path, code_dir: Path):
     ex = submitit.AutoExecutor(folder=run_dir / SUBMITIT_DIR, cluster="slurm",
-                               slurm_max_num_timeout=cfg.launcher.max_requeues)
+                               slurm_max_num_timeout=cfg.launcher.max_requeues, slurm_python=python_command())
     ex.update_parameters(**slurm_parameters(cfg, code_dir))
     return ex
 
@@ -87,7 +88,8 @@ def sbatch_script(cfg: Config, run_dir: Path, code_dir: Path) -> str:
 
 def local_executor(cfg: Config, run_dir: Path, code_dir: Path):
     lc = cfg.launcher
-    ex = submitit.LocalExecutor(folder=run_dir / SUBMITIT_DIR, max_num_timeout=lc.max_requeues)
+    ex = submitit.LocalExecutor(folder=run_dir / SUBMITIT_DIR, max_num_timeout=lc.max_requeues,
+                                python=python_command())
     ex.update_parameters(tasks_per_node=lc.tasks, nodes=1, gpus_per_node=lc.gpus_per_node,
                          timeout_min=lc.minutes, signal_delay_s=lc.signal_delay_s)
     return ex

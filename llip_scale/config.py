@@ -16,7 +16,7 @@ from typing import Literal
 import yaml
 
 from llip_scale.config_files import apply_overrides, deep_merge, load_yaml
-from llip_scale.data.config import DataConfig
+from llip_scale.data.config import DataConfig, stream_count
 from llip_scale.errors import ConfigError, check, from_dict, path_field, to_dict, validate_tree
 from llip_scale.launchers.config import LauncherConfig
 from llip_scale.model.config import ModelConfig
@@ -165,6 +165,7 @@ def local_batch_size(cfg: Config, world_size: int) -> int:
     check(cfg.batch_size % world_size == 0,
           f"batch_size={cfg.batch_size} is not divisible by the {world_size} ranks; "
           f"set batch_size to a multiple of {world_size}")
+    stream_count(cfg.data.streams, cfg.batch_size, world_size)  # the ranks must share the streams evenly
     return cfg.batch_size // world_size
 
 
@@ -174,6 +175,7 @@ def validate(cfg: Config) -> Config:
     check(cfg.data.context_length in (None, cfg.model.text.context_length),
           f"model.text.context_length={cfg.model.text.context_length} differs from "
           f"data.context_length={cfg.data.context_length}; set both to the same value")
+    stream_count(cfg.data.streams, cfg.batch_size, 1)  # batch_size a multiple of data.streams
     return cfg
 
 

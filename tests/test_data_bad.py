@@ -40,10 +40,11 @@ def shards(tmp_path_factory):
 
 
 def _loader(shards, spec: str, workers: int = 0, **cfg):
+    """One stream unless told otherwise: a batch is then one pass over a shard of 4 good samples."""
     root, tok = shards
     spec = "::".join(str(root / s) if not s.startswith("pipe:") else s for s in spec.split("::"))
     cfg = DataConfig(shards=spec, context_length=tok.context_length, workers=workers,
-                     shuffle_buffer=cfg.pop("shuffle_buffer", 1), **cfg)
+                     shuffle_buffer=cfg.pop("shuffle_buffer", 1), streams=cfg.pop("streams", 1), **cfg)
     return build_train_loader(cfg, batch_size=BATCH, rank=0,
                               world_size=1, image_size=8, tokenizer=tok, seed=0)
 
@@ -66,7 +67,7 @@ def test_each_bad_shard_kind_is_skipped_and_counted(shards, caplog):
     with caplog.at_level(logging.WARNING, logger="llip_scale.data"):
         batches = list(itertools.islice(_loader(shards, spec, max_skip_rate=0.99), 12))
     last = batches[-1]
-    draws = last.state["streams"][0]["sampler"]["draws"]
+    draws = last.state["stream_states"][0]["sampler"]["draws"]
     # Each batch is one pass over good.tar, so every other shard drawn so far was read to its end.
     expected = {r: d for r, d in zip(reasons, draws) if r and d}
     assert last.skipped == dict(sorted(expected.items()))
@@ -94,7 +95,7 @@ def test_skip_rate_above_the_limit_stops_naming_the_shard(shards, workers):
 
 
 def test_a_source_with_fewer_shards_than_workers_does_not_hang(shards):
-    batches = list(itertools.islice(_loader(shards, "good.tar", workers=2), 4))
+    batches = list(itertools.islice(_loader(shards, "good.tar", workers=2, streams=2), 4))
     assert [b.state["batches"] for b in batches] == [1, 2, 3, 4]
 
 

@@ -1,4 +1,7 @@
-"""Exact resume of the training loader: save after N batches, rebuild, the next M are identical."""
+"""Exact resume of the training loader: save after N batches, rebuild, the next M are identical.
+
+Rank 0 or 1 of 2 ranks, 6 streams over the 12 samples of a global batch (2 per stream), so a
+rank reads 3 streams: with 2 workers one worker runs two of them, the other one."""
 from __future__ import annotations
 
 import itertools
@@ -12,7 +15,7 @@ from llip_scale.config import ConfigError
 from llip_scale.data import DataConfig, build_train_loader
 from llip_scale.data import stream as stream_module
 
-BATCH, IMAGE = 5, 16
+BATCH, IMAGE, STREAMS = 6, 16, 6  # BATCH: per rank
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +26,12 @@ def data(tmp_path_factory):
     return spec + "::" + spec_b, make_tokenizer(root)
 
 
-def _loader(data, workers: int, rank: int = 0, world_size: int = 2, seed: int = 7):
+def _loader(data, workers: int, rank: int = 0, world_size: int = 2, seed: int = 7, streams: int = STREAMS,
+            batch: int = BATCH):
     spec, tok = data
     cfg = DataConfig(shards=spec, weights=[2.0, 1.0], context_length=tok.context_length,
-                     workers=workers, shuffle_buffer=4, prefetch=2)
-    return build_train_loader(cfg, batch_size=BATCH, rank=rank, world_size=world_size,
+                     workers=workers, shuffle_buffer=4, prefetch=2, streams=streams)
+    return build_train_loader(cfg, batch_size=batch, rank=rank, world_size=world_size,
                               image_size=IMAGE, tokenizer=tok, seed=seed)
 
 
@@ -36,16 +40,17 @@ def _take(loader, n: int) -> list:
 
 
 def _same(a, b) -> bool:
-    return torch.equal(a.images, b.images) and torch.equal(a.tokens, b.tokens)
+    return torch.equal(a.images, b.images) and torch.equal(a.tokens, b.tokens) and a.keys == b.keys
 
 
 @pytest.mark.parametrize("workers", [0, 1, 2])
 @pytest.mark.parametrize("rank", [0, 1])
 def test_resume_gives_the_next_batches_exactly(data, workers, rank):
-    n, m = 5, 6  # n odd: with 2 workers the resumed run starts on the second stream
+    n, m = 5, 6
     full = _take(_loader(data, workers, rank), n + m)
     assert full[0].images.shape == (BATCH, 3, IMAGE, IMAGE) and full[0].images.dtype == torch.float32
     assert full[0].tokens.shape == (BATCH, data[1].context_length) and full[0].tokens.dtype == torch.int64
+    assert len(full[0].keys) == BATCH and all(k.isdigit() for k in full[0].keys)  # the shards' __key__
 
     first = _loader(data, workers, rank)
     head = _take(first, n)
@@ -61,12 +66,13 @@ def test_resume_gives_the_next_batches_exactly(data, workers, rank):
         assert a.state == b.state and a.skipped == b.skipped
 
 
-def test_zero_and_one_worker_states_are_interchangeable(data):
-    """Both run stream 0 of the rank, in the training process or in one worker."""
-    full = _take(_loader(data, 0), 5)
-    one = _loader(data, 1)
-    one.load_state_dict(full[1].state)
-    assert all(_same(a, b) for a, b in zip(_take(one, 3), full[2:]))
+@pytest.mark.parametrize("saved_with, resumed_with", [(0, 1), (2, 0), (1, 2)])
+def test_states_do_not_depend_on_the_number_of_workers(data, saved_with, resumed_with):
+    """The state is per stream: a run saved with some data.workers resumes with any other."""
+    full = _take(_loader(data, saved_with), 5)
+    other = _loader(data, resumed_with)
+    other.load_state_dict(full[1].state)
+    assert all(_same(a, b) for a, b in zip(_take(other, 3), full[2:]))
 
 
 def test_ranks_and_seeds_give_different_streams(data):
@@ -75,16 +81,18 @@ def test_ranks_and_seeds_give_different_streams(data):
     assert not _same(r0[0], r1[0]) and not _same(r0[0], other_seed[0])
 
 
-def test_workers_interleave_round_robin_and_differ(data):
+def test_workers_share_the_streams_and_the_streams_differ(data):
     batches = _take(_loader(data, 2), 4)
     assert [b.state["batches"] for b in batches] == [1, 2, 3, 4]
-    assert not _same(batches[0], batches[1])  # the two worker streams are independent
+    assert [st["stream"] for st in batches[-1].state["stream_states"]] == [0, 1, 2]  # rank 0's half of 6
+    chunks = batches[0].images.split(BATCH // 3)  # one chunk per stream, in stream order
+    assert not torch.equal(chunks[0], chunks[1]) and not torch.equal(chunks[1], chunks[2])
 
 
 def test_resume_reads_only_the_current_shard(data, monkeypatch):
-    loader = _loader(data, 0)
+    loader = _loader(data, 0, streams=2)  # one stream per rank
     state = _take(loader, 9)[-1].state
-    current = state["streams"][0]["shard"]
+    current = state["stream_states"][0]["shard"]
     assert current["consumed"] > 0
 
     opened: list[str] = []
@@ -95,7 +103,7 @@ def test_resume_reads_only_the_current_shard(data, monkeypatch):
         return real_open(url)
 
     monkeypatch.setattr(stream_module, "open_shard", recording_open)
-    resumed = _loader(data, 0)
+    resumed = _loader(data, 0, streams=2)
     resumed.load_state_dict(state)
     _take(resumed, 1)
     assert opened[0] == current["url"]  # it reopens the shard it was in, not the stream start
@@ -104,11 +112,19 @@ def test_resume_reads_only_the_current_shard(data, monkeypatch):
 
 def test_loading_a_state_from_another_setup_is_a_clear_error(data):
     state = _take(_loader(data, 2), 3)[-1].state
-    for kwargs, word in ((dict(workers=1), "data.workers=2 but this run has data.workers=1"),
-                         (dict(workers=2, world_size=4), "world_size"),
-                         (dict(workers=2, rank=1), "rank")):
-        with pytest.raises(ConfigError, match=word):
+    for kwargs, word in ((dict(workers=2, world_size=3, batch=4), r"rank 0 of 3 reads streams \[0, 1\]"),
+                         (dict(workers=2, rank=1), r"holds streams \[0, 1, 2\] but rank 1 of 2"),
+                         (dict(workers=2, streams=3, world_size=3, batch=4), "data.streams=6 but this run has data.streams=3"),
+                         (dict(workers=0, batch=3), "batch_size=12 but this run has batch_size=6"),
+                         (dict(workers=0, seed=8), r"\(seed, data.seed\)=\[7, 0\] but this run has \[8, 0\]")):
+        with pytest.raises(ConfigError, match=word) as err:
             _loader(data, **kwargs).load_state_dict(state)
+        assert "\n" not in str(err.value)
+    spec, tok = data
+    other = build_train_loader(DataConfig(shards=spec, context_length=tok.context_length, streams=STREAMS),
+                               batch_size=BATCH, rank=0, world_size=2, image_size=IMAGE, tokenizer=tok, seed=7)
+    with pytest.raises(ConfigError, match="different data.shards or data.weights"):
+        other.load_state_dict(state)
     with pytest.raises(ConfigError, match="version"):
         _loader(data, 2).load_state_dict({"streams": []})
 
@@ -168,8 +184,8 @@ def test_a_process_with_an_open_loader_exits(data, tmp_path):
     script = tmp_path / "open_loader.py"
     script.write_text(f"""
 from llip_scale.data import DataConfig, Tokenizer, build_train_loader
-cfg = DataConfig(shards={spec!r}, workers=2, shuffle_buffer=4, prefetch=2)
-loader = build_train_loader(cfg, batch_size=5, rank=0, world_size=1, image_size=16,
+cfg = DataConfig(shards={spec!r}, workers=2, shuffle_buffer=4, prefetch=2, streams=2)
+loader = build_train_loader(cfg, batch_size=6, rank=0, world_size=1, image_size=16,
                             tokenizer=Tokenizer({tok.path!r}, 16), seed=7)
 batches = iter(loader)
 next(batches)

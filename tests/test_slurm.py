@@ -133,13 +133,13 @@ def wait_until(what: str, condition: Callable[[], bool], launch: Optional[subpro
 class Launch:
     """``llip-launch --wait`` of the smallest demo run, in the background."""
 
-    def __init__(self, demo_data: Path, run_dir: Path, extra: Sequence[str] = ()):
+    def __init__(self, demo_data: Path, run_dir: Path, env: Optional[dict] = None, extra: Sequence[str] = ()):
         self.run_dir = run_dir
         d = demo_data
         cmd = [sys.executable, "-m", "llip_scale.launchers.launch", str(REPO / "configs/experiments/demo.yaml"),
                f"run_dir={run_dir}", f"data.shards={d / 'train'}", f"data.tokenizer={d / 'tokenizer.model'}",
                *SMALLEST, *LAUNCHER, *extra, "--wait"]
-        env = dict(run_env(), SLURM_CONF=os.environ["SLURM_CONF"])
+        env = dict(run_env(), SLURM_CONF=os.environ["SLURM_CONF"], **(env or {}))
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         lines = [self.proc.stdout.readline()]
@@ -313,3 +313,74 @@ def test_wait_reports_a_failed_job(slurm, demo_data, tmp_path):
         timeout=HANG_LIMIT_S)
     assert out.returncode == 1, out.stdout + out.stderr
     assert re.search(r"job \d+ ended FAILED", out.stderr), out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# a stop signal in the first seconds of an attempt
+# ---------------------------------------------------------------------------------------------
+
+def seconds_since_start(job_id: str) -> float:
+    """Seconds since the current attempt started, from Slurm's StartTime (whole seconds, local
+    time): never less than the true value, so waiting for it to reach X waits at least X."""
+    started = time.mktime(time.strptime(job_field(job_id, "StartTime"), "%Y-%m-%dT%H:%M:%S"))
+    return time.time() - started
+
+
+class Holds:
+    """Start-up phases at which the tasks wait (see llip_scale.dist.signals.hold)."""
+
+    def __init__(self, folder: Path, *points: tuple[str, int]):
+        self.folder = folder
+        folder.mkdir()
+        for phase, attempt in points:
+            (folder / f"hold-{phase}-{attempt}").touch()
+
+    def env(self) -> dict:
+        return {"LLIP_HOLD_DIR": str(self.folder)}
+
+    def wait_held(self, launch: Launch, phase: str, attempt: int) -> None:
+        held = lambda: len(list(self.folder.glob(f"held-{phase}-{attempt}-*"))) == 2  # noqa: E731
+        wait_until(f"both tasks of attempt {attempt} held at {phase}", held, launch.proc)
+
+    def release(self, phase: str, attempt: int) -> None:
+        (self.folder / f"release-{phase}-{attempt}").touch()
+
+
+def _preempt_held(launch: Launch, holds: Holds, phase: str, attempt: int, after_s: float) -> None:
+    """Preempt the job while its tasks wait at ``phase``, at least ``after_s`` after the attempt
+    started; let them go on once slurmd delivered the TERM."""
+    holds.wait_held(launch, phase, attempt)
+    wait_until(f"{after_s} s into attempt {attempt}", lambda: seconds_since_start(launch.job_id) >= after_s)
+    offset = len(slurmd_log())
+    _preempt()
+    line = f"Sent signal {SIGTERM} to StepId={launch.job_id}.0"
+    wait_until("Slurm sending TERM to the tasks", lambda: line in slurmd_log()[offset:], launch.proc)
+    holds.release(phase, attempt)
+
+
+# The phases of a task's start-up, and how far into the attempt each is reached at the earliest:
+# the task's first code (nothing imported yet), the job unpickled (torch and this package
+# imported, submitit's handlers installed), and the model built and resumed.
+EARLY = [("task-start", 0.1), ("job-start", 1.0), ("before-first-step", 3.0)]
+
+
+@pytest.mark.parametrize("phase,after_s", EARLY, ids=[phase for phase, _ in EARLY])
+def test_preemption_early_in_an_attempt_requeues_and_resumes_exactly(reference, demo_data, phase, after_s):
+    tmp, ref = reference
+    holds = Holds(tmp / f"holds_{phase}", (phase, 0))
+    launch = Launch(demo_data, tmp / f"early_{phase}", holds.env())
+    _preempt_held(launch, holds, phase, 0, after_s)
+    check_exact_resume(launch, ref, "SIGTERM")
+    assert "before the first step of this attempt (step 0)" in launch.task_log(), tail(launch.task_log())
+
+
+def test_two_preemptions_in_a_row_resume_exactly(reference, demo_data):
+    """Preempted before its first step, then again in the first instant of the next attempt."""
+    tmp, ref = reference
+    holds = Holds(tmp / "holds_twice", ("before-first-step", 0), ("task-start", 1))
+    launch = Launch(demo_data, tmp / "twice", holds.env())
+    _preempt_held(launch, holds, "before-first-step", 0, 3.0)
+    _preempt_held(launch, holds, "task-start", 1, 0.1)
+    check_exact_resume(launch, ref, "SIGTERM")
+    log = launch.task_log()
+    assert log.count("before the first step of this attempt (step 0)") == 2, tail(log)

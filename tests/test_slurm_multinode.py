@@ -149,14 +149,14 @@ def final_metrics(launch: NodesLaunch) -> dict:
 def two_nodes(cluster, demo_data, tmp_path_factory) -> NodesLaunch:
     """The uninterrupted 2 x 1 run."""
     launch = NodesLaunch(demo_data, tmp_path_factory.mktemp("slurm_mn") / "two_nodes",
-                         [*TWO_NODES, *evaluation(demo_data)])
+                         extra=[*TWO_NODES, *evaluation(demo_data)])
     launch.finish()
     return launch
 
 
 def test_two_nodes_train_exactly_like_two_tasks_on_one_node(two_nodes, demo_data, tmp_path):
     # 1 node x 2 tasks (tests/test_slurm.py's LAUNCHER)
-    one = NodesLaunch(demo_data, tmp_path / "one_node", evaluation(demo_data))
+    one = NodesLaunch(demo_data, tmp_path / "one_node", extra=evaluation(demo_data))
     one.finish()
     finals = final_metrics(two_nodes)
     assert any("zeroshot" in k for k in finals) and any("retrieval" in k for k in finals), finals
@@ -182,7 +182,7 @@ def test_two_nodes_train_exactly_like_two_tasks_on_one_node(two_nodes, demo_data
 
 
 def test_two_by_two_runs_the_node_setup_once_per_node(cluster, demo_data, tmp_path):
-    launch = NodesLaunch(demo_data, tmp_path / "two_by_two", ["launcher.nodes=2", "launcher.tasks_per_node=2"])
+    launch = NodesLaunch(demo_data, tmp_path / "two_by_two", extra=["launcher.nodes=2", "launcher.tasks_per_node=2"])
     launch.finish()
     log = launch.task_log()
     assert launch.final_checkpoint().is_dir() and "Traceback" not in log, tail(log, 80)
@@ -192,7 +192,7 @@ def test_two_by_two_runs_the_node_setup_once_per_node(cluster, demo_data, tmp_pa
 
 
 def test_preempting_a_two_node_job_with_term_resumes_exactly(two_nodes, demo_data, tmp_path):
-    launch = NodesLaunch(demo_data, tmp_path / "preempt_term", [*TWO_NODES, *evaluation(demo_data)])
+    launch = NodesLaunch(demo_data, tmp_path / "preempt_term", extra=[*TWO_NODES, *evaluation(demo_data)])
     launch.hold()  # one DataLoader worker per node
     _preempt()
     launch.release_after(SIGTERM)
@@ -229,7 +229,7 @@ def ended(launch: NodesLaunch) -> str:
 
 
 def test_a_killed_rank_on_another_node_ends_the_job_naming_it(cluster, demo_data, tmp_path):
-    launch = NodesLaunch(demo_data, tmp_path / "killed", TWO_NODES)
+    launch = NodesLaunch(demo_data, tmp_path / "killed", extra=TWO_NODES)
     launch.hold()  # both ranks are past the start, waiting for a batch
     rank1 = step_task(launch.job_id, "node2")
     os.kill(rank1, signal.SIGKILL)
@@ -244,7 +244,7 @@ def test_a_killed_rank_on_another_node_ends_the_job_naming_it(cluster, demo_data
 
 
 def test_a_rank_behind_a_dead_link_ends_the_job_after_the_timeout(cluster, demo_data, tmp_path):
-    launch = NodesLaunch(demo_data, tmp_path / "link_down", [*TWO_NODES, "distributed.timeout_minutes=1"])
+    launch = NodesLaunch(demo_data, tmp_path / "link_down", extra=[*TWO_NODES, "distributed.timeout_minutes=1"])
     launch.hold()
     link = f"llip{MN_PORT_BASE}n2"  # node2's end on the bridge: nothing reaches node2 any more
     subprocess.run(["ip", "link", "set", link, "down"], check=True)
@@ -261,7 +261,7 @@ def test_min_nodes_starts_on_the_nodes_that_are_up(cluster, demo_data, tmp_path)
     """launcher.min_nodes=1 of 2 with node2 drained: Slurm starts the job on node1 alone."""
     subprocess.run(["scontrol", "update", "NodeName=node2", "State=DRAIN", "Reason=test"], check=True)
     try:
-        launch = NodesLaunch(demo_data, tmp_path / "min_nodes", [*TWO_NODES, "launcher.min_nodes=1"])
+        launch = NodesLaunch(demo_data, tmp_path / "min_nodes", extra=[*TWO_NODES, "launcher.min_nodes=1"])
         launch.finish()
     finally:
         subprocess.run(["scontrol", "update", "NodeName=node2", "State=RESUME"], check=True)

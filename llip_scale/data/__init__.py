@@ -13,6 +13,8 @@ _EXPORTS = {
     "build_train_loader": "llip_scale.data.loader",
     "TrainLoader": "llip_scale.data.loader",
     "Batch": "llip_scale.data.loader",
+    "reshard_state": "llip_scale.data.loader",
+    "keys_digest": "llip_scale.data.loader",
     "Tokenizer": "llip_scale.data.tokenizer",
     "train_tokenizer": "llip_scale.data.tokenizer",
     "check_sources": "llip_scale.data.shards",

@@ -7,6 +7,7 @@ and no tokenizer file is given, or the SentencePiece model of ``data.tokenizer``
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Any
 
@@ -17,6 +18,8 @@ from llip_scale.data.synthetic import SyntheticLoader, SyntheticTokenizer
 from llip_scale.data.tokenizer import Tokenizer
 from llip_scale.errors import ConfigError
 from llip_scale.interop.tokenizers import ClipBpeTokenizer, is_clip_vocabulary
+
+log = logging.getLogger("llip_scale.data")
 
 
 def tokenizer_from_config(cfg: Config) -> Any:
@@ -47,5 +50,12 @@ def build_loader(cfg: Config, env: Any, tokenizer: Any, split: str = "train") ->
               image_size=cfg.model.vision.image_size, tokenizer=tokenizer, seed=cfg.seed)
     if cfg.data.source == "synthetic":
         return SyntheticLoader(cfg.data, split=split, **kw)
-    data_cfg = cfg.data if split == "train" else replace(cfg.data, shards=cfg.eval.heldout_shards)
-    return build_train_loader(data_cfg, **kw)
+    # Held-out pairs are read once, never resumed: their streams fit the eval batch (auto).
+    data_cfg = cfg.data if split == "train" else replace(cfg.data, shards=cfg.eval.heldout_shards, streams=0)
+    loader = build_train_loader(data_cfg, **kw)
+    if split == "train" and env.rank == 0 and loader.workers < cfg.data.workers:
+        log.warning("data: %d streams over %d ranks leave %d per rank, so only %d of data.workers=%d run; raise "
+                    "data.streams (a multiple of %d ranks x %d workers) to use them all", loader.n_streams,
+                    env.world_size, len(loader.owned), loader.workers, cfg.data.workers, env.world_size,
+                    cfg.data.workers)
+    return loader

@@ -1,10 +1,13 @@
-"""Data config: shard sources, loader workers, tokenizer, shuffling, bad-data limits, transforms."""
+"""Data config: shard sources, streams, loader workers, tokenizer, shuffling, bad-data limits,
+transforms; :func:`stream_count` resolves ``data.streams`` for a global batch and a world size."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from llip_scale.errors import check
+from llip_scale.errors import ConfigError, check
+
+AUTO_STREAMS = 8  # what data.streams=0 aims for: enough for 8 workers on one rank, any world size up to 8
 
 
 @dataclass
@@ -18,15 +21,21 @@ class DataConfig:
     weights: list[float] = field(default_factory=list)
     tokenizer: str = field(default="", metadata={"path": "file"})  # sentencepiece model file
     context_length: Optional[int] = None  # None: the text tower's context_length
+    # Independent sample streams the global batch is drawn from, batch_size / streams samples from
+    # each per step, in stream order; fixed for the run (saved with the data state) and spread over
+    # ranks and workers, so the data order depends on neither. 0: auto (see stream_count).
+    streams: int = 0
     workers: int = 2  # DataLoader worker processes per rank (0: load in the training process)
     seed: int = 0  # mixed with the run seed: changes the data order without changing the init
     shuffle_buffer: int = 1000  # samples; shuffles within each shard, reset at shard boundaries
-    prefetch: int = 2  # batches prefetched per worker
+    prefetch: int = 2  # steps prefetched per worker (a step: the next chunk of each of its streams)
     crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range
-    max_skip_rate: float = 0.05  # stop when a worker skips more than this fraction of samples
-    skip_check_after: int = 1000  # samples a worker sees before the skip rate is enforced
+    max_skip_rate: float = 0.05  # stop when a stream skips more than this fraction of samples
+    skip_check_after: int = 1000  # samples a stream sees before the skip rate is enforced
+    log_keys: bool = False  # write a digest of each global batch's sample keys to metrics.jsonl
 
     def validate(self, name: str) -> None:
+        check(self.streams >= 0, f"{name}.streams must be >= 0 (0: auto), got {self.streams}")
         check(self.workers >= 0, f"{name}.workers must be >= 0, got {self.workers}")
         check(self.context_length is None or self.context_length >= 2,
                f"{name}.context_length must be >= 2 (or null for the text tower's), "
@@ -45,3 +54,25 @@ class DataConfig:
         check(not self.weights or len(self.weights) == n_sources,
                f"{name}.weights has {len(self.weights)} entries but {name}.shards names "
                f"{n_sources} source(s); give one weight per source or none")
+
+
+def stream_count(streams: int, batch_size: int, world_size: int) -> int:
+    """The number of streams of a run: ``streams``, checked, or for 0 the smallest multiple of
+    ``world_size`` that is at least :data:`AUTO_STREAMS` and divides ``batch_size`` (else the
+    largest multiple that divides it), so that by default every world size that divides 8 gets
+    the same 8 streams. ``batch_size`` is the global batch, a multiple of ``world_size``."""
+    if batch_size % world_size:
+        raise ConfigError(f"batch_size={batch_size} is not divisible by the {world_size} ranks; "
+                          f"set batch_size to a multiple of {world_size}")
+    if streams == 0:
+        fits = [s for s in range(world_size, batch_size + 1, world_size) if batch_size % s == 0]
+        return next((s for s in fits if s >= AUTO_STREAMS), fits[-1])
+    if batch_size % streams:
+        raise ConfigError(f"batch_size={batch_size} is not a multiple of data.streams={streams}; each step takes "
+                          f"the same number of samples from every stream: set data.streams to a divisor of "
+                          f"batch_size (or 0 for auto)")
+    if streams % world_size:
+        raise ConfigError(f"data.streams={streams} is not a multiple of the {world_size} ranks; each rank reads "
+                          f"whole streams: use a world size that divides {streams}, or set data.streams to a "
+                          f"multiple of {world_size} that divides batch_size={batch_size}")
+    return streams

@@ -3,9 +3,10 @@
 Flow: ``DataConfig.shards`` ("a/{000..009}.tar::pipe:cat b/{0..3}.tar") -> :func:`parse_sources`
 (one :class:`Source` per '::' part, its shard URLs expanded, a sampling weight) ->
 :func:`check_sources` before training (missing or empty sources raise ``ConfigError``) ->
-in every (rank, worker) stream a :class:`ShardSampler` draws the next shard as a pure function of
-(seeds, rank, stream, position, per-source draw counts), so its state is two small integers'
-worth and a resumed stream continues the same order -> :func:`open_shard` yields a byte stream.
+in each of the run's streams a :class:`ShardSampler` draws the next shard as a pure function of
+(seeds, stream, position, per-source draw counts), whichever rank or worker runs the stream, so
+its state is two small integers' worth and a resumed stream continues the same order ->
+:func:`open_shard` yields a byte stream.
 """
 from __future__ import annotations
 
@@ -172,7 +173,7 @@ def sources_fingerprint(sources: Sequence[Source]) -> str:
 
 
 class ShardSampler:
-    """Infinite, resampled shard order of one (rank, stream).
+    """Infinite, resampled shard order of one stream.
 
     Each draw picks a source by weight, then that source's next shard from a seeded permutation
     (a new permutation per pass over the source), so every shard of a source is visited once per

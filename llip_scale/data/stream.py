@@ -1,19 +1,22 @@
-"""One deterministic, exactly resumable stream of batches per (rank, stream).
+"""One deterministic, exactly resumable stream of sample chunks; a run has ``data.streams`` of them.
 
-Flow inside a stream (a DataLoader worker, or the training process with ``workers=0``):
+Stream ``s`` is the same whichever rank or worker runs it: its shard order, shuffles, captions
+and crops are seeded by (run seed, ``data.seed``, ``s``) only. Flow inside a stream (a
+DataLoader worker, or the training process with ``workers=0``):
 
     ShardSampler.next() -> shard URL at position p
       -> open_shard -> iter_samples (raw bytes per key)
-      -> shuffle buffer seeded by (seeds, rank, stream, p)   <- replayable from the shard start
+      -> shuffle buffer seeded by (seeds, s, p)              <- replayable from the shard start
       -> raw sample #n of the shard (n = ``consumed``)
       -> caption drawn, image decoded, RandomResizedCrop      <- the stream's generator
-      -> B good samples -> normalised images, tokens, and the stream state after the last one
+      -> C good samples -> normalised images, tokens, keys, and the stream state after the last one
 
-The state after a batch is (shard position and draw counts, URL and ``consumed`` of the current
-shard, generator state, counters). Resuming re-opens that one shard, replays its shuffle without
-decoding, drops the first ``consumed`` outputs and continues: the next batch is bit-identical to
-the one an uninterrupted run would have produced. Shard-level problems (zero-byte, truncated,
-unreadable, empty) are the last output of their shard, so a replay never counts them twice.
+C is the stream's share of a global batch (``batch_size / streams``). The state after a chunk is
+(shard position and draw counts, URL and ``consumed`` of the current shard, generator state,
+counters). Resuming re-opens that one shard, replays its shuffle without decoding, drops the
+first ``consumed`` outputs and continues: the next chunk is bit-identical to the one an
+uninterrupted run would have produced. Shard-level problems (zero-byte, truncated, unreadable,
+empty) are the last output of their shard, so a replay never counts them twice.
 """
 from __future__ import annotations
 
@@ -44,8 +47,7 @@ class StreamSpec:
 
     sources: tuple[Source, ...]
     seeds: tuple[int, ...]  # (run seed, data seed)
-    rank: int
-    batch_size: int
+    chunk_size: int  # samples per chunk: the stream's share of one global batch
     image_size: int
     tokenizer: Tokenizer
     shuffle_buffer: int = 1000
@@ -63,19 +65,21 @@ class _Skip:
 
 
 @dataclass
-class StreamBatch:
-    images: torch.Tensor  # float32 [B, 3, S, S]
-    tokens: torch.Tensor  # int64 [B, L]
-    state: dict  # the stream's state after this batch
+class StreamChunk:
+    stream: int
+    images: torch.Tensor  # float32 [C, 3, S, S]
+    tokens: torch.Tensor  # int64 [C, L]
+    state: dict  # the stream's state after this chunk
     captions: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # the samples' webdataset keys (``__key__``)
 
 
 class Stream:
-    """Infinite batches of one (rank, stream); ``state`` resumes it exactly."""
+    """Infinite chunks of stream ``stream``; ``state`` resumes it exactly."""
 
     def __init__(self, spec: StreamSpec, stream: int, state: dict | None = None):
         self.spec, self.stream = spec, stream
-        self.seeds = [*spec.seeds, spec.rank, stream]
+        self.seeds = [*spec.seeds, stream]
         self.sampler = ShardSampler(spec.sources, self.seeds, state["sampler"] if state else None)
         self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(self.seeds + [TAG_AUGMENT])))
         if state:
@@ -161,14 +165,15 @@ class Stream:
         seen = bad + self.good
         if seen >= self.spec.skip_check_after and bad / seen > self.spec.max_skip_rate:
             raise DataError(
-                f"data: rank {self.spec.rank} stream {self.stream} skipped {bad} of {seen} samples "
+                f"data: stream {self.stream} skipped {bad} of {seen} samples "
                 f"({bad / seen:.1%} > data.max_skip_rate={self.spec.max_skip_rate}); last bad "
                 f"shard: {url} ({reason}: {detail}); fix or remove that shard, or raise "
                 f"data.max_skip_rate")
 
-    def batches(self) -> Iterator[StreamBatch]:
+    def chunks(self) -> Iterator[StreamChunk]:
         images: list[np.ndarray] = []
         texts: list[str] = []
+        keys: list[str] = []
         for item in self._raw():
             if isinstance(item, _Skip):
                 self._count_skip(item.reason, item.detail, None)
@@ -181,10 +186,11 @@ class Stream:
             self.good += 1
             images.append(image)
             texts.append(caption)
-            if len(images) == self.spec.batch_size:
-                yield StreamBatch(normalize(np.stack(images)), self.spec.tokenizer(texts),
-                                  self.state_dict(), texts)
-                images, texts = [], []
+            keys.append(str(item.get("__key__", "")))
+            if len(images) == self.spec.chunk_size:
+                yield StreamChunk(self.stream, normalize(np.stack(images)), self.spec.tokenizer(texts),
+                                  self.state_dict(), texts, keys)
+                images, texts, keys = [], [], []
 
 
 def stream_seeds(seed: int, data_seed: int) -> tuple[int, int]:

@@ -8,8 +8,9 @@ Sample number ``g`` of a split (counted over all ranks: batch ``n`` of rank ``r`
                                ->  caption = two class words, random filler words, EOT, padding
 
 so captions carry the class and a model can learn to match them. The loader state is the next
-batch number; resuming from ``batch.state`` yields the batches after that one, and the global
-batches do not depend on how many ranks share them.
+batch number, the same on every rank; resuming from ``batch.state`` yields the batches after
+that one, and the global batches do not depend on how many ranks share them. A sample's key
+(``batch.keys``) is ``SPLIT-g``.
 """
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ class SyntheticLoader:
         first = n * self.batch_size * self.world_size + self.rank * self.batch_size
         images, tokens = zip(*(self.sample(first + i) for i in range(self.batch_size)))
         state = {"next_batch": n + 1, "global_batch": self.batch_size * self.world_size}
-        return Batch(torch.stack(images), torch.stack(tokens), state, {})
+        keys = [f"{self.split}-{first + i:012d}" for i in range(self.batch_size)]
+        return Batch(torch.stack(images), torch.stack(tokens), state, {}, keys=keys)
 
     def __iter__(self) -> Iterator[Batch]:
         while True:

@@ -21,15 +21,16 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import signal
 import socket
 from dataclasses import dataclass
-from types import FrameType
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+# The stop-signal layer lives below training; its names stay importable from here.
+from llip_scale.dist.signals import STOP_SIGNALS, PreemptionFlag, ignore_stop_signals  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -194,61 +195,6 @@ def broadcast_object(obj: object) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-# What schedulers send to stop a job: Slurm sends SIGTERM (after SIGCONT) to every process of a
-# step on preemption, requeue and cancel, and the job's --signal (USR1/USR2 here) before the time
-# limit or, with preempt_send_user_signal, on preemption.
-STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
-
-
-def ignore_stop_signals(*_: object) -> None:
-    """Ignore the stop signals in this process from now on (also a DataLoader ``worker_init_fn``).
-
-    For processes that must not die of them: DataLoader workers (the training process decides),
-    and every task once its run has finished or saved (Python restores the default action,
-    termination, while it shuts down; an ignored signal stays ignored).
-    """
-    for name in STOP_SIGNALS:
-        signal.signal(signal.Signals[name], signal.SIG_IGN)
-
-
-class PreemptionFlag:
-    """Set by a signal (Slurm sends SIGUSR1/2 or SIGTERM ahead of preemption or the time limit).
-
-    The handler only records the signal; the training loop reads :attr:`requested` at each step
-    boundary and passes it to :func:`agree`, so the collective checkpoint that follows happens on
-    every rank at the same step even when only one rank received the signal.
-    """
-
-    def __init__(self, signals: Sequence[str] = STOP_SIGNALS):
-        self.signals = [self._lookup(name) for name in signals]
-        self.received: Optional[str] = None
-        self._previous: dict[int, object] = {}
-
-    @staticmethod
-    def _lookup(name: str) -> signal.Signals:
-        try:
-            return signal.Signals[name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"]
-        except KeyError:
-            raise ValueError(f"unknown signal '{name}'; use names like SIGUSR1 or SIGTERM") from None
-
-    def install(self) -> "PreemptionFlag":
-        for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
-        self.received = signal.Signals(signum).name
-
-    @property
-    def requested(self) -> bool:
-        return self.received is not None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 
 Flow: YAML + overrides -> validated config (written to ``RUN_DIR/config.yaml``) -> process
 group -> data sources checked -> model (``zero.Init`` under ZeRO-3) + AdamW + schedule in a
-DeepSpeed engine -> resume from the newest complete checkpoint of ``RUN_DIR`` if any -> the
+DeepSpeed engine -> resume from the newest complete checkpoint of ``RUN_DIR`` if any (each rank
+takes the saved states of the data streams it reads, from every rank's train state) -> the
 loop in :func:`main`: batch -> local images x gathered texts loss -> agree across ranks
 (global loss, non-finite, stop) -> backward + step + logit-scale clamp (or a skipped update)
--> metrics -> held-out evaluation -> checkpoint -> exit on preemption. Rerunning the same
-command continues an interrupted run. ``--nproc N`` checks the config for N ranks, then starts
+-> metrics (with ``data.log_keys``, a digest of the global batch's sample keys) -> held-out
+evaluation -> checkpoint -> exit on preemption. Rerunning the same command continues an
+interrupted run. ``--nproc N`` checks the config for N ranks, then starts
 them through torchrun (:mod:`llip_scale.launchers.torchrun`); ``--verify-checkpoint PATH`` checks
 a checkpoint's files against the sizes and checksums in its marker. Errors end in one line.
 
@@ -32,7 +34,9 @@ import yaml
 
 from llip_scale.config import Config, ConfigError, load_config, local_batch_size, save_config, to_dict
 from llip_scale.data.build import build_loader, check_data, tokenizer_from_config
+from llip_scale.data.loader import keys_digest, reshard_state
 from llip_scale.data.stream import DataError
+from llip_scale.dist.signals import hold
 from llip_scale.eval.periodic import evaluate_run, log_mixing
 from llip_scale.launchers.torchrun import run_local
 from llip_scale.scale.flops import train_flops_per_sample
@@ -206,6 +210,20 @@ def skipped_samples(batch: Any) -> dict[str, float]:
     return total
 
 
+def saved_data_states(run_dir: str, step: int) -> list:
+    """The data state of every rank that wrote the checkpoint of ``step``, in rank order (each
+    rank reads all of these small files: the streams a rank owns depend on the world size)."""
+    path = checkpoint.checkpoint_root(run_dir) / checkpoint.step_tag(step)
+    ranks = checkpoint.read_marker(path)["world_size"]
+    return [torch.load(path / checkpoint.rank_state_name(r), map_location="cpu", weights_only=False)["train"]["data"]
+            for r in range(ranks)]
+
+
+def global_keys_digest(batch: Any) -> str:
+    """The digest of the global batch's sample keys in global order (a collective)."""
+    return keys_digest([key for keys in all_gather_objects(list(batch.keys)) for key in keys])
+
+
 def write_summary(cfg: Config, state: TrainState, final: dict[str, float], status: str) -> dict:
     ckpts = [str(f.path) for f in list_checkpoints(cfg.run_dir) if (f.path / MARKER).is_file()]
     summary = {"status": status, "run_dir": str(cfg.run_dir), "steps": state.step, "updates": state.updates,
@@ -214,6 +232,18 @@ def write_summary(cfg: Config, state: TrainState, final: dict[str, float], statu
                "metrics": str(Path(cfg.run_dir) / "metrics.jsonl"), "checkpoints": ckpts, **final}
     (Path(cfg.run_dir) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def stopped_before_first_step(preempt: PreemptionFlag, state: TrainState, progress: Progress) -> bool:
+    """A stop signal that arrived during start-up (from the task's first instant on): every rank
+    agrees to stop before training a step. There is nothing new to save (the state is the resumed
+    checkpoint's, or the initial one), so the attempt ends at once and the launcher requeues it."""
+    hold("before-first-step")
+    if not agree(torch.zeros(()), preempt.requested).stop:
+        return False
+    progress.message(f"stopped by {preempt.received or 'a signal on another rank'} before the first step of this "
+                     f"attempt (step {state.step}); nothing new to save; rerun the same command to continue")
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +271,8 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
     saved = checkpoint.resume(engine, cfg.run_dir, env) if cfg.checkpoint.resume else None
     if saved is not None:
         state = TrainState(**saved["train"])
+        # Per stream, not per rank: this rank takes the saved states of the streams it reads now.
+        state.data = reshard_state(saved_data_states(cfg.run_dir, state.step), env.rank, env.world_size)
     loader = build_loader(cfg, env, tokenizer)
     if state.data is not None:
         loader.load_state_dict(state.data)
@@ -256,10 +288,10 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
 
     scale = bias = gnorm = lr = float("nan")
     final: dict[str, float] = {}
-    status = "done"
+    status = "preempted" if stopped_before_first_step(preempt, state, progress) else "done"
     saved_at = time.monotonic()  # rank 0's clock decides timed checkpoints (checkpoint.every_minutes)
     try:
-        while state.step < cfg.steps:
+        while state.step < cfg.steps and status == "done":
             # -- one step: local images x all ranks' texts --------------------------------------
             wait = time.perf_counter()
             batch = next(batches)
@@ -282,6 +314,7 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
             meter.stepped()
 
             # -- metrics ------------------------------------------------------------------------
+            keys = {"data/keys_digest": global_keys_digest(batch)} if cfg.data.log_keys else {}
             if due(state.step, cfg.logging.every, cfg.steps):
                 state.skipped_samples = skipped_samples(batch)
                 losses = state.pending_losses
@@ -290,9 +323,11 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
                            "train/logit_bias": bias, "train/grad_norm": gnorm,
                            "train/nonfinite_steps": state.nonfinite_total, **meter.rates(),
                            **{f"data/skipped/{k}": v for k, v in state.skipped_samples.items()}}
-                writer.write(state.step, scalars)
+                writer.write(state.step, {**scalars, **keys})
                 progress.update(state.step, scalars)
                 state.pending_losses = []
+            elif keys:
+                writer.write(state.step, keys)
 
             # -- evaluation, checkpoint, preemption ---------------------------------------------
             if due(state.step, cfg.eval.every, cfg.steps) or state.step == cfg.steps:

@@ -38,17 +38,18 @@ class MetricsWriter:
             # purge_step hides events an interrupted attempt wrote past the resume point.
             self._tb = SummaryWriter(str(self.tb_dir), purge_step=resume_step + 1 if resume_step else None)
 
-    def write(self, step: int, scalars: dict[str, float]) -> None:
+    def write(self, step: int, scalars: dict[str, float | str]) -> None:
+        """One line of ``scalars``; strings (e.g. ``data/keys_digest``) go to the JSON line only."""
         if not self.enabled:
             return
-        clean = {k: (float(v) if v is not None else None) for k, v in scalars.items()}
+        clean = {k: (v if v is None or isinstance(v, str) else float(v)) for k, v in scalars.items()}
         line = {"step": step, "time": round(time.time(), 3),
-                **{k: (v if v is None or math.isfinite(v) else str(v)) for k, v in clean.items()}}
+                **{k: (v if v is None or isinstance(v, str) or math.isfinite(v) else str(v)) for k, v in clean.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")
         if self._tb is not None:
             for k, v in clean.items():
-                if v is not None:
+                if v is not None and not isinstance(v, str):
                     self._tb.add_scalar(k, v, step)
 
     def figure(self, tag: str, figure, step: int) -> None:
