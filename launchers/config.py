@@ -39,6 +39,9 @@ class LauncherConfig:
     kind: Literal["local", "slurm"] = "local"
     local_mode: Literal["submitit", "torchrun"] = "submitit"  # how `local` starts its processes
     nodes: int = 1
+    # Slurm may start the job on fewer nodes, down to this many (sbatch --nodes=MIN-MAX); 0: exactly
+    # `nodes`. Each start's world size is then the nodes it got times the tasks per node.
+    min_nodes: int = 0
     gpus_per_node: int = 0  # Slurm: one task per GPU; 0 means CPU tasks
     tasks_per_node: int = 1  # used when gpus_per_node is 0 (and for local runs)
     cpus_per_task: int = 8
@@ -66,6 +69,14 @@ class LauncherConfig:
             _fail(f"{name}.signal_delay_s={self.signal_delay_s} is not shorter than {name}.time={self.time}")
         if self.kind == "local" and self.nodes != 1:
             _fail(f"{name}.nodes={self.nodes} needs {name}.kind=slurm; a local launch runs on one machine")
+        if not 0 <= self.min_nodes <= self.nodes:
+            _fail(f"{name}.min_nodes={self.min_nodes} must be between 1 and {name}.nodes={self.nodes} "
+                  "(0 asks for exactly nodes)")
+
+    @property
+    def node_counts(self) -> range:
+        """The node counts the job may start with: min_nodes..nodes (just nodes by default)."""
+        return range(self.min_nodes or self.nodes, self.nodes + 1)
 
     @property
     def tasks(self) -> int:

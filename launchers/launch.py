@@ -2,8 +2,8 @@
 
 config + overrides -> validated (the ``launcher`` section too) before anything is submitted ->
 RUN/config.yaml and a code snapshot (RUN/code) -> one of:
-  slurm            submitit AutoExecutor: nodes x tasks (one per GPU), USR2 ``signal_delay_s``
-                   before the time limit, requeue on preemption/time-out;
+  slurm            submitit AutoExecutor: nodes (or min_nodes-nodes) x tasks (one per GPU), USR2
+                   ``signal_delay_s`` before the time limit, requeue on preemption/time-out;
   local/submitit   submitit LocalExecutor: N processes on this machine, same code path;
   local/torchrun   llip-train --nproc N RUN/config.yaml (torchrun in that process, errors in one line).
 Relaunching the same config into the same run folder resumes it (newest complete checkpoint).
@@ -48,6 +48,8 @@ def slurm_parameters(cfg: Config, code_dir: Path) -> dict:
     params = dict(name=lc.job_name, nodes=lc.nodes, tasks_per_node=lc.tasks, cpus_per_task=lc.cpus_per_task,
                   timeout_min=lc.minutes, slurm_signal_delay_s=lc.signal_delay_s,
                   slurm_setup=[*lc.setup, env], slurm_additional_parameters=dict(lc.sbatch_extra))
+    if lc.min_nodes and lc.min_nodes < lc.nodes:
+        params["slurm_additional_parameters"]["nodes"] = f"{lc.min_nodes}-{lc.nodes}"  # sbatch --nodes=MIN-MAX
     if lc.gpus_per_node:
         params["gpus_per_node"] = lc.gpus_per_node
     if lc.mem_gb:
@@ -174,8 +176,9 @@ def cli(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        nodes = cfg.launcher.nodes if cfg.launcher.kind == "slurm" else 1
-        batch_split(cfg, nodes * cfg.launcher.tasks)  # before anything is submitted
+        node_counts = cfg.launcher.node_counts if cfg.launcher.kind == "slurm" else [1]
+        for nodes in node_counts:  # every world size the job may start with, before anything is submitted
+            batch_split(cfg, nodes * cfg.launcher.tasks)
     except ConfigError as e:
         print(f"llip-launch: config error: {e}", file=sys.stderr)
         return 2

@@ -60,6 +60,10 @@ class DistributedConfig:
     # Signals that ask the run to checkpoint at the next step boundary and exit (to be requeued):
     # Slurm's --signal (USR1/USR2; the launchers use USR2) and the TERM sent on preemption.
     preempt_signals: list = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
+    # How long a collective waits for a peer before the rank gives up. It bounds how long the
+    # surviving ranks of a job hang when a node dies or hangs; it must exceed the longest time
+    # between two collectives in a healthy run (a checkpoint save, an evaluation, the start-up).
+    timeout_minutes: float = 30.0
     # Deep-merged last into the generated DeepSpeed config, e.g.
     # {zero_optimization: {stage3_prefetch_bucket_size: 5e8, stage3_max_live_parameters: 1e9}}.
     deepspeed: dict = field(default_factory=dict)
@@ -70,6 +74,7 @@ class DistributedConfig:
               f"{name}.offload_params needs {name}.zero_stage=3")
         check(not self.offload_optimizer or self.zero_stage >= 1,
               f"{name}.offload_optimizer needs {name}.zero_stage >= 1")
+        check(self.timeout_minutes > 0, f"{name}.timeout_minutes must be > 0, got {self.timeout_minutes}")
         for sig in self.preempt_signals:
             check(isinstance(sig, str) and hasattr(signal, sig.upper()),
                   f"{name}.preempt_signals: '{sig}' is not a signal name; use e.g. SIGUSR1 or SIGTERM")
@@ -82,11 +87,15 @@ class DistributedConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 1000  # steps; 0 disables periodic checkpoints
+    # Also save when this many minutes passed since the last save (rank 0's clock, agreed at a
+    # step boundary so all ranks save at the same step); bounds the work a lost node costs. 0: off.
+    every_minutes: float = 0.0
     keep_last: int = 3
     resume: bool = True
 
     def validate(self, name: str) -> None:
         check(self.every >= 0, f"{name}.every must be >= 0 (0 disables periodic checkpoints)")
+        check(self.every_minutes >= 0, f"{name}.every_minutes must be >= 0 (0 disables timed checkpoints)")
         check(self.keep_last >= 1, f"{name}.keep_last must be >= 1")
 
 

@@ -25,7 +25,15 @@ def _worker(rank: int, port: int, out: Path) -> None:
     """One of two ranks: exercise the collectives and save what each rank saw (on the CPU)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
-    from llip_scale.train.distributed import all_gather_objects, broadcast_object, init_distributed, shutdown
+    import torch.distributed as dist
+
+    from llip_scale.train.distributed import (
+        all_gather_objects,
+        broadcast_object,
+        init_distributed,
+        lost_peer,
+        placement,
+    )
 
     env = init_distributed("auto")
     x = torch.arange(6.0).reshape(3, 2).add(10 * rank).requires_grad_()  # rank r's rows: 10r + ...
@@ -34,12 +42,20 @@ def _worker(rank: int, port: int, out: Path) -> None:
     weights = torch.arange(12.0).reshape(6, 2) * (rank + 1)
     (gathered * weights).sum().backward()
     loss = torch.tensor(float("nan") if rank == 1 else 2.0)
-    verdict = agree(loss, stop_requested=rank == 0)
+    verdict = agree(loss, stop_requested=rank == 0, save_due=rank == 1)
     result = {"env": (env.rank, env.world_size, env.device.type), "gathered": gathered.detach(),
               "grad": x.grad, "verdict": verdict, "objects": all_gather_objects({"rank": rank}),
-              "broadcast": broadcast_object(f"from {rank}")}
+              "broadcast": broadcast_object(f"from {rank}"), "quiet": agree(torch.tensor(1.0), False),
+              "places": placement(env)}
+    if rank == 1:  # a peer that dies: its connections close
+        torch.save(result, out / f"rank{rank}.pt")
+        os._exit(0)
+    try:
+        dist.all_reduce(torch.ones(1))
+    except RuntimeError as e:
+        result["lost"] = lost_peer(e, timeout_minutes=30)
     torch.save(result, out / f"rank{rank}.pt")
-    shutdown()
+    os._exit(0)  # the process group lost a member: no orderly shutdown
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +91,40 @@ def test_agree_spreads_a_nonfinite_loss_and_a_stop_request_to_every_rank(two_ran
         verdict = r["verdict"]
         assert verdict.nonfinite and verdict.stop
         assert verdict.loss == 2.0  # the mean of the finite losses
+
+
+@pytest.mark.slow  # two processes
+def test_agree_saves_on_every_rank_when_one_rank_says_a_save_is_due(two_ranks):
+    for r in two_ranks:
+        assert r["verdict"].save and not r["quiet"].save and not r["quiet"].stop
+
+
+@pytest.mark.slow  # two processes
+def test_a_dead_peer_is_named_by_rank_and_host(two_ranks):
+    host = socket.gethostname()
+    places = two_ranks[0]["places"]
+    assert [(p.rank, p.host, p.local_rank) for p in places] == [(0, host, 0), (1, host, 1)]
+    assert two_ranks[1]["places"] == places
+    address = places[1].address
+    assert two_ranks[0]["lost"].startswith(
+        f"rank 0 lost contact with the job: rank(s) 1 on host {host} ({address}) stopped answering; "
+        f"ranks: 0@{host}, 1@{host}."), two_ranks[0]["lost"]
+
+
+def test_errors_that_are_not_a_lost_peer_are_left_alone(monkeypatch):
+    import torch.distributed as dist
+
+    from llip_scale.train import distributed
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    assert distributed.lost_peer(RuntimeError("DataLoader worker timed out after 5 seconds"), 30) is None
+    assert distributed.lost_peer(RuntimeError("CUDA out of memory"), 30) is None
+    hung = distributed.lost_peer(RuntimeError(
+        "[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 1800000ms for recv operation to complete"), 30)
+    assert hung.startswith("rank 0 lost contact with the job: a peer did not answer within "
+                           "distributed.timeout_minutes=30 (a hung or unreachable node)"), hung
 
 
 @pytest.mark.slow  # two processes

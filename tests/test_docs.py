@@ -228,6 +228,16 @@ COVERED: dict[str, tuple[str, str]] = {
         "tests/test_slurm.py::test_preemption_with_term_resumes_exactly", "a real Slurm, as root"),
     "tools/slurm_local.sh stop": ("tests/test_slurm.py::test_preemption_with_term_resumes_exactly",
                                   "a real Slurm, as root"),
+    "tools/slurm_local.sh start --nodes 2": (
+        "tests/test_slurm_multinode.py::test_slurm_local_runs_two_nodes_and_stop_leaves_nothing_behind",
+        "a real Slurm with network namespaces, as root"),
+    "tools/slurm_local.sh status": (
+        "tests/test_slurm_multinode.py::test_slurm_local_runs_two_nodes_and_stop_leaves_nothing_behind",
+        "a real Slurm with network namespaces, as root"),
+    "llip-launch configs/experiments/demo.yaml launcher.kind=slurm launcher.nodes=2 launcher.tasks_per_node=1 "
+    "launcher.cpus_per_task=1 launcher.time=60 --wait": (
+        "tests/test_slurm_multinode.py::test_two_nodes_train_exactly_like_two_tasks_on_one_node",
+        "a real 2-node Slurm, as root"),
     "llip-train CONFIG [key.path=value ...]": (
         "tests/test_cli_errors.py::test_a_log_file_receives_each_progress_line_as_it_happens", "training"),
     "llip-train CONFIG [key.path=value ...] --nproc 8": (

@@ -37,6 +37,38 @@ def test_dry_run_sbatch_has_the_requested_resources(tmp_path):
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
 
 
+def test_min_nodes_asks_slurm_for_a_node_range(tmp_path):
+    cfg = load_config("models/tiny.yaml", [f"run_dir={tmp_path / 'run'}", "launcher.kind=slurm", "launcher.nodes=4",
+                                           "launcher.min_nodes=2", "launcher.tasks_per_node=2"])
+    script = dry_run(cfg)
+    assert "#SBATCH --nodes=2-4" in script and "#SBATCH --nodes=4\n" not in script, script
+    assert list(cfg.launcher.node_counts) == [2, 3, 4]
+    exact = load_config("models/tiny.yaml", [f"run_dir={tmp_path / 'run'}", "launcher.kind=slurm", "launcher.nodes=4"])
+    assert "#SBATCH --nodes=4\n" in dry_run(exact) and list(exact.launcher.node_counts) == [4]
+
+
+def test_min_nodes_checks_the_batch_split_of_every_world_size(tmp_path, capsys):
+    """batch_size=8 splits over 2 and 4 tasks but not over 3: refused before anything is written."""
+    from llip_scale.launchers.launch import cli
+
+    code = cli(["models/tiny.yaml", f"run_dir={tmp_path / 'run'}", "batch_size=8", "launcher.kind=slurm",
+                "launcher.nodes=4", "launcher.min_nodes=2", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not divisible by the 3 ranks" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("launcher.min_nodes=5", "launcher.min_nodes=5 must be between 1 and launcher.nodes="),
+    ("distributed.timeout_minutes=0", "distributed.timeout_minutes must be > 0"),
+    ("checkpoint.every_minutes=-1", "checkpoint.every_minutes must be >= 0"),
+])
+def test_bad_multinode_settings_are_config_errors(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("models/tiny.yaml", ["launcher.kind=slurm", "launcher.nodes=4", override])
+    assert message in str(err.value)
+
+
 @pytest.mark.slow  # a llip-launch process each
 @pytest.mark.parametrize("override, message", [
     ("launcher.partiton=learn", "unknown config key 'launcher.partiton'; did you mean 'launcher.partition'?"),

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import pytest
 from _train_helpers import HANG_LIMIT_S, REPO, checkpoint_differences, metrics, newest_complete, run_env, tail, wait_for
@@ -87,10 +87,12 @@ def _proc(pid: int, name: str) -> str:
         return ""
 
 
-def data_workers(job_id: str) -> list[int]:
-    """The DataLoader workers of the job's step 0: children of its tasks forked from them (same
-    command line), not short-lived helpers such as a compiler."""
-    out = subprocess.run(["scontrol", "listpids", f"{job_id}.0"], capture_output=True, text=True)
+def data_workers(job_id: str, node: str = "") -> list[int]:
+    """The DataLoader workers of the job's step 0 (on ``node``; default: this machine's slurmd):
+    children of its tasks forked from them (same command line), not short-lived helpers such as a
+    compiler."""
+    out = subprocess.run(["scontrol", "listpids", f"{job_id}.0", *([node] if node else [])], capture_output=True,
+                         text=True)
     rows = [line.split() for line in out.stdout.splitlines()[1:]]
     tasks = {int(row[0]) for row in rows if len(row) == 5 and row[4].isdigit()}
     workers = []
@@ -105,8 +107,8 @@ def data_workers(job_id: str) -> list[int]:
     return workers
 
 
-def slurmd_log() -> str:
-    return (Path(os.environ["SLURM_CONF"]).parents[1] / "log" / "slurmd.log").read_text(errors="replace")
+def slurmd_log(name: str = "slurmd.log") -> str:
+    return (Path(os.environ["SLURM_CONF"]).parents[1] / "log" / name).read_text(errors="replace")
 
 
 def run_seconds(job_id: str) -> int:
@@ -131,12 +133,12 @@ def wait_until(what: str, condition: Callable[[], bool], launch: Optional[subpro
 class Launch:
     """``llip-launch --wait`` of the smallest demo run, in the background."""
 
-    def __init__(self, demo_data: Path, run_dir: Path, env: Optional[dict] = None):
+    def __init__(self, demo_data: Path, run_dir: Path, env: Optional[dict] = None, extra: Sequence[str] = ()):
         self.run_dir = run_dir
         d = demo_data
         cmd = [sys.executable, "-m", "llip_scale.launchers.launch", str(REPO / "configs/experiments/demo.yaml"),
                f"run_dir={run_dir}", f"data.shards={d / 'train'}", f"data.tokenizer={d / 'tokenizer.model'}",
-               *SMALLEST, *LAUNCHER, "--wait"]
+               *SMALLEST, *LAUNCHER, *extra, "--wait"]
         env = dict(run_env(), SLURM_CONF=os.environ["SLURM_CONF"], **(env or {}))
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
@@ -150,20 +152,26 @@ class Launch:
     def state(self) -> Optional[str]:
         return job_field(self.job_id, "JobState")
 
+    def data_workers(self) -> list[int]:
+        return data_workers(self.job_id)
+
+    def slurmd_log(self) -> str:
+        return slurmd_log()
+
     def hold(self) -> None:
         """Hold the run early, mid-run, whatever the machine's speed: stop (SIGSTOP) the tasks'
         DataLoader workers once they exist, so training blocks at step 1-3 waiting for data. Slurm
         sends SIGCONT ahead of every signal it delivers, which lets them go on."""
-        wait_until("the DataLoader workers", lambda: len(data_workers(self.job_id)) == 2, self.proc)
-        self.log_offset = len(slurmd_log())  # the log outlives job ids: read only what comes next
-        self.workers = data_workers(self.job_id)
+        wait_until("the DataLoader workers", lambda: len(self.data_workers()) == 2, self.proc)
+        self.log_offset = len(self.slurmd_log())  # the log outlives job ids: read only what comes next
+        self.workers = self.data_workers()
         for pid in self.workers:
             os.kill(pid, signal.SIGSTOP)
 
     def release_after(self, signum: int) -> None:
         """Wait until slurmd delivered ``signum`` to the job's step; make sure the workers go on."""
         line = f"Sent signal {signum} to StepId={self.job_id}.0"
-        wait_until(f"Slurm sending signal {signum}", lambda: line in slurmd_log()[self.log_offset:], self.proc)
+        wait_until(f"Slurm sending signal {signum}", lambda: line in self.slurmd_log()[self.log_offset:], self.proc)
         for pid in self.workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)

@@ -8,16 +8,22 @@ on CUDA; a one-process run gets a one-rank group so the rest of the code has a s
 In the training step each rank all-gathers the text side with :func:`all_gather_with_grad`,
 whose backward *sums* the incoming gradients over ranks and keeps this rank's rows (a
 reduce-scatter), then once per step :func:`agree` all-reduces the loss together with the
-"loss is non-finite" and "stop requested" flags, so every rank takes the same decision at the
-same step boundary. Signal handlers (:class:`PreemptionFlag`) only set a local flag.
+"loss is non-finite", "stop requested" and "save due" flags, so every rank takes the same decision
+at the same step boundary. Signal handlers (:class:`PreemptionFlag`) only set a local flag.
+
+Across nodes: :func:`placement` gathers every rank's host and address once at the start (each
+rank logs its own), so that when a peer dies or hangs :func:`lost_peer` can turn the collective's
+error (a closed connection names the peer's address; a hung peer runs into
+``distributed.timeout_minutes``) into one line naming the rank(s) and host that stopped answering.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -151,19 +157,20 @@ class StepVerdict:
     loss: float  # mean over ranks of the finite per-rank losses (nan when none is finite)
     nonfinite: bool  # some rank's loss is nan or inf: every rank skips the update
     stop: bool  # some rank was asked to stop: every rank saves and exits after this step
+    save: bool = False  # some rank's clock says a timed checkpoint is due: every rank saves now
 
 
-def agree(loss: Tensor, stop_requested: bool) -> StepVerdict:
+def agree(loss: Tensor, stop_requested: bool, save_due: bool = False) -> StepVerdict:
     """One all-reduce per step: the global loss and the flags every rank must act on together."""
     finite = bool(torch.isfinite(loss.detach()).item())
     packed = torch.tensor([loss.detach().float().item() if finite else 0.0, float(finite),
-                           float(not finite), float(stop_requested)], dtype=torch.float64)
+                           float(not finite), float(stop_requested), float(save_due)], dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
         packed = packed.to(_collective_device())
         dist.all_reduce(packed)
         packed = packed.cpu()
-    total, n_finite, n_bad, n_stop = packed.tolist()
-    return StepVerdict(total / n_finite if n_finite else float("nan"), n_bad > 0, n_stop > 0)
+    total, n_finite, n_bad, n_stop, n_save = packed.tolist()
+    return StepVerdict(total / n_finite if n_finite else float("nan"), n_bad > 0, n_stop > 0, n_save > 0)
 
 
 def _collective_device() -> torch.device:
@@ -188,3 +195,73 @@ def broadcast_object(obj: object) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# where the ranks run, and which one stopped answering
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RankPlace:
+    rank: int
+    host: str
+    address: str  # what the host name resolves to: the address gloo binds by default
+    local_rank: int
+
+
+_PLACES: list[RankPlace] = []  # every rank's place, from placement(); read by lost_peer()
+
+
+def _host_address(host: str) -> str:
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return "unresolved"
+
+
+def placement(env: DistEnv) -> list[RankPlace]:
+    """Every rank's host and address, in rank order (a collective); remembered for lost_peer."""
+    host = socket.gethostname()
+    here = RankPlace(env.rank, host, _host_address(host), env.local_rank)
+    _PLACES[:] = [RankPlace(*p) for p in all_gather_objects(tuple(vars(here).values()))]
+    return list(_PLACES)
+
+
+def describe_place(env: DistEnv) -> str:
+    """One line about this rank: host, address, node-local rank, rendezvous address."""
+    host = socket.gethostname()
+    return (f"rank {env.rank} of {env.world_size} on host {host} ({_host_address(host)}), local rank "
+            f"{env.local_rank}; rendezvous {os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}")
+
+
+# How gloo and NCCL report a peer that died (closed or reset connection) or hung (the process
+# group's timeout), e.g. "[.../gloo/transport/tcp/pair.cc:537] Read error [10.0.0.2]:7570:
+# Connection reset by peer" or "[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting
+# 1800000ms for recv operation to complete": a phrase of either kind from a collective's backend.
+_PEER_FAILURE = re.compile(r"connection closed by peer|connection reset by peer|broken pipe|timed out|timeout|"
+                           r"communicator was aborted", re.IGNORECASE)
+_BACKEND = re.compile(r"gloo|nccl|c10d|ProcessGroup", re.IGNORECASE)
+_PEER_ADDRESS = re.compile(r"\[(\d+\.\d+\.\d+\.\d+)\]:\d+")
+
+
+def lost_peer(error: BaseException, timeout_minutes: float) -> Optional[str]:
+    """One line naming the rank(s) and host that stopped answering, when ``error`` is a collective
+    that lost a peer; None for any other error."""
+    text = str(error)
+    from_backend = isinstance(error, dist.DistError) or bool(_BACKEND.search(text))
+    if not dist.is_initialized() or dist.get_world_size() == 1 or not (from_backend and _PEER_FAILURE.search(text)):
+        return None
+    me = dist.get_rank()
+    found = _PEER_ADDRESS.search(text)
+    peers = [p for p in _PLACES if found and p.address == found.group(1) and p.rank != me]
+    if peers:
+        ranks = ", ".join(str(p.rank) for p in peers)
+        who = f"rank(s) {ranks} on host {peers[0].host} ({peers[0].address}) stopped answering"
+    elif found:
+        who = f"the peer at {found.group(1)} stopped answering"
+    else:
+        who = (f"a peer did not answer within distributed.timeout_minutes={timeout_minutes:g} "
+               "(a hung or unreachable node)")
+    hosts = ", ".join(f"{p.rank}@{p.host}" for p in _PLACES)
+    return (f"rank {me} lost contact with the job: {who}; ranks: {hosts}. The newest complete checkpoint "
+            f"is intact; requeue or rerun to continue ({text.strip().splitlines()[0][:200]})")

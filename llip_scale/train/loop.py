@@ -42,7 +42,6 @@ from llip_scale.eval.periodic import evaluate_run, log_mixing
 from llip_scale.launchers.torchrun import run_local
 from llip_scale.scale.flops import train_flops_per_sample
 from llip_scale.train import checkpoint
-from llip_scale.train.buildlock import clear_stale_locks
 from llip_scale.train.checkpoint import MARKER, ResumeError, list_checkpoints, verify
 from llip_scale.train.distributed import (
     PreemptionFlag,
@@ -53,10 +52,12 @@ from llip_scale.train.distributed import (
     ignore_stop_signals,
     init_distributed,
     launch_env,
+    lost_peer,
     shutdown,
 )
 from llip_scale.train.engine import clamp_logit_scale, compute_dtype, initialize, step_optimizer
 from llip_scale.train.metrics import MetricsWriter, Progress, StepMeter
+from llip_scale.train.node import prepare_node
 from llip_scale.train.reshard import check_world_size
 from llip_scale.train.step import forward_step
 
@@ -197,6 +198,12 @@ def due(step: int, every: int, last: int) -> bool:
     return every > 0 and (step % every == 0 or step == last)
 
 
+def timed_save_due(cfg: Config, saved_at: float) -> bool:
+    """checkpoint.every_minutes passed since the last save (or the start), by this rank's clock."""
+    minutes = cfg.checkpoint.every_minutes
+    return minutes > 0 and time.monotonic() - saved_at >= 60 * minutes
+
+
 def skipped_samples(batch: Any) -> dict[str, float]:
     """Samples the loaders dropped since the run started (their counts survive resumes), by
     reason, summed over ranks (a collective)."""
@@ -251,7 +258,7 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
     """Train ``cfg`` to its last step or to a stop signal. ``preempt``: a flag the caller installed
     (and keeps installed after the return, so no signal finds the default action); without
     one, main installs its own and restores the previous handlers when it returns."""
-    env = init_distributed(cfg.distributed.backend)
+    env = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_minutes)
     setup_logging(env.rank)
     # Listen from the start: a signal during start-up stops the run after its first step.
     own_flag = preempt is None
@@ -262,9 +269,7 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
     micro, accum = batch_split(cfg, env.world_size)
     b_local = micro * accum
 
-    if env.local_rank == 0:  # before any rank of this machine loads a run-time built extension
-        clear_stale_locks(report=log.warning)
-    barrier()
+    prepare_node(env, log.warning)  # once per node: build locks, DeepSpeed ops; then a barrier
     seed_all(cfg.seed)  # the same initial weights on every rank
     engine = initialize(cfg, env)
     seed_all(cfg.seed + 1 + env.rank)  # anything random during training differs per rank
@@ -291,6 +296,7 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
     scale = bias = gnorm = lr = float("nan")
     final: dict[str, float] = {}
     status = "preempted" if stopped_before_first_step(preempt, state, progress) else "done"
+    saved_at = time.monotonic()  # rank 0's clock decides timed checkpoints (checkpoint.every_minutes)
     try:
         while state.step < cfg.steps and status == "done":
             # -- one step: local images x all ranks' texts, in `accum` micro-batches --------------
@@ -300,7 +306,8 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
             images = batch.images.to(env.device, dtype, non_blocking=True)  # [B_local, 3, S, S]
             tokens = batch.tokens.to(env.device, non_blocking=True)  # [B_local, L]
             step = forward_step(engine, images, tokens, accum, gather=all_gather_with_grad, offset=env.rank * b_local)
-            verdict = agree(step.loss, preempt.requested)  # the same decisions on every rank
+            # The same decisions on every rank; rank 0's clock decides timed checkpoints.
+            verdict = agree(step.loss, preempt.requested, env.is_main and timed_save_due(cfg, saved_at))
             if verdict.nonfinite:
                 skip_update(state, cfg)
             else:
@@ -338,7 +345,9 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
                 if final:
                     writer.write(state.step, final)
                     progress.message(f"step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
-            if due(state.step, cfg.checkpoint.every, cfg.steps) or verdict.stop or state.step == cfg.steps:
+            if (due(state.step, cfg.checkpoint.every, cfg.steps) or verdict.stop or verdict.save
+                    or state.step == cfg.steps):
+                saved_at = time.monotonic()
                 started = time.perf_counter()
                 path = checkpoint.save(engine, cfg, state.step,
                                        {"train": asdict(state), "rng": checkpoint.rng_state()}, env)
@@ -351,6 +360,12 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
                 break
         if status == "done" and not final:  # resumed at the end: report its numbers again
             final = evaluate_run(engine, cfg, env, tokenizer)
+    except RuntimeError as e:  # a collective that lost a peer: say which, in one line
+        lost = lost_peer(e, cfg.distributed.timeout_minutes)
+        if lost is None:
+            raise
+        log.error("%s", lost)
+        raise TrainingError(lost) from e
     finally:
         if own_flag:
             preempt.restore()
