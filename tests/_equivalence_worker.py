@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
+from llip_scale.checkpoints import store as checkpoint
 from llip_scale.config import load_config
+from llip_scale.dist.collectives import all_gather_objects, all_gather_with_grad, init_distributed
 from llip_scale.model import build_model
-from llip_scale.train import checkpoint
 from llip_scale.train import engine as E
-from llip_scale.train.distributed import all_gather_objects, all_gather_with_grad, init_distributed
 
 
 def global_batch(cfg, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+from llip_scale.checkpoints import ds_compat
+from llip_scale.checkpoints import store as checkpoint
 from llip_scale.config import load_config
-from llip_scale.train import checkpoint, ds_checkpoint
-from llip_scale.train.distributed import init_distributed, shutdown
+from llip_scale.dist.collectives import init_distributed, shutdown
 from llip_scale.train.engine import full_state_dict, initialize
 from llip_scale.train.loop import seed_all, setup_logging
 
@@ -29,10 +30,10 @@ def probe(engine, stage: int) -> dict:
     if stage in (1, 2):  # DeepSpeed links the moments to the getters at the first step only
         engine.optimizer._lazy_init_hp_params_optimizer_state()
     if stage > 0:
-        for key in ("fp32", *ds_checkpoint.MOMENTS):
+        for key in ("fp32", *ds_compat.MOMENTS):
             get = safe_get_full_fp32_param if key == "fp32" else lambda p, k=key: safe_get_full_optimizer_state(p, k)
             out[key] = {n: get(p).detach().clone() for n, p in engine.module.named_parameters()}
-        out["layout"] = ds_checkpoint.zero3_layout(engine) if stage == 3 else ds_checkpoint.zero12_layout(engine)
+        out["layout"] = ds_compat.zero3_layout(engine) if stage == 3 else ds_compat.zero12_layout(engine)
     return out
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from llip_scale.train import checkpoint
-from llip_scale.train.checkpoint import (
+from llip_scale.checkpoints import store as checkpoint
+from llip_scale.checkpoints.store import (
     MARKER,
     ResumeError,
     checksum_files,

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from llip_scale.train.distributed import PreemptionFlag, agree, all_gather_with_grad, launch_env, process_group_backend
+from llip_scale.dist.collectives import agree, all_gather_with_grad, launch_env, process_group_backend
+from llip_scale.dist.signals import PreemptionFlag
 
 WORLD = 2
 
@@ -27,7 +28,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
     import torch.distributed as dist
 
-    from llip_scale.train.distributed import (
+    from llip_scale.dist.collectives import (
         all_gather_objects,
         broadcast_object,
         init_distributed,
@@ -112,9 +113,9 @@ def test_a_dead_peer_is_named_by_rank_and_host(two_ranks):
 
 
 def test_errors_that_are_not_a_lost_peer_are_left_alone(monkeypatch):
-    import torch.distributed as dist
+    import torch.distributed as dist  # noqa: I001 - patched below, for this test only
 
-    from llip_scale.train import distributed
+    from llip_scale.dist import collectives as distributed
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)

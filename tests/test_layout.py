@@ -8,7 +8,11 @@ fails the test and is named.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Where each part of the package lives in the checkout (setup.cfg's package_dir).
@@ -120,3 +124,34 @@ def test_imports_inside_functions_say_why():
             if "#" not in text and not context.strip().startswith(("try:  #", "if TYPE_CHECKING")):
                 unexplained.append(f"{path.relative_to(ROOT)}:{node.lineno}: {text.strip()}")
     assert not unexplained, "imports inside functions without a reason: " + "; ".join(unexplained)
+
+
+def _reaches(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [m for m in graph if m == start or m.startswith(start + ".")]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(graph.get(m, ()))
+    return seen
+
+
+@pytest.mark.parametrize("lower,upper", [
+    ("llip_scale.dist", "llip_scale.data"), ("llip_scale.dist", "llip_scale.train"),
+    ("llip_scale.data", "llip_scale.train"), ("llip_scale.interop", "llip_scale.train"),
+    ("llip_scale.checkpoints", "llip_scale.train"), ("llip_scale.model", "llip_scale.train"),
+])
+def test_layers_import_one_way(lower, upper):
+    """The runtime layer sits below data and training; checkpoints and the open_clip-style
+    interop use no training code (so `create_model` never loads DeepSpeed)."""
+    reached = _reaches(import_graph(), lower)
+    assert any(m.startswith(lower) for m in reached), f"no module under {lower}"
+    bad = sorted(m for m in reached if m == upper or m.startswith(upper + "."))
+    assert not bad, f"{lower} reaches {', '.join(bad)}"
+
+
+def test_create_model_does_not_load_deepspeed():
+    code = ("import sys, llip_scale; llip_scale.create_model, llip_scale.load_pretrained; "
+            "import llip_scale.checkpoints.store; print('deepspeed' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stdout + out.stderr

@@ -1,4 +1,4 @@
-"""Resuming on another number of ranks (llip_scale.train.reshard, llip_scale.train.ds_checkpoint).
+"""Resuming on another number of ranks (llip_scale.checkpoints.reshard, llip_scale.checkpoints.ds_compat).
 
 Fast: the slice arithmetic, the batch split and its error, the per-rank rules (RNG, data
 state), the layout classification. Slow (torchrun, 1-4 ranks, fp32 on the CPU): checkpoints of
@@ -31,10 +31,10 @@ from _train_helpers import (
     write_config,
 )
 
+from llip_scale.checkpoints import ds_compat, reshard
+from llip_scale.checkpoints.deepspeed_io import consolidated_state_dict
+from llip_scale.checkpoints.store import read_marker
 from llip_scale.errors import ConfigError
-from llip_scale.train import ds_checkpoint, reshard
-from llip_scale.train.checkpoint import read_marker
-from llip_scale.train.engine import consolidated_state_dict
 
 # ---------------------------------------------------------------------------------------------
 # fast: arithmetic and rules
@@ -130,11 +130,11 @@ def test_train_state_is_rank_0s_and_rng_carries_over_rank_by_rank():
 
 def test_layouts_and_what_cannot_be_resharded():
     zero = ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"]
-    assert ds_checkpoint.layout(["mp_rank_00_model_states.pt", "train_state_rank00000.pt"], 0) == "whole"
-    assert ds_checkpoint.layout(zero, 3) == "zero3"
-    assert ds_checkpoint.layout(["mp_rank_00_model_states.pt", zero[0]], 2) == "zero12"
+    assert ds_compat.layout(["mp_rank_00_model_states.pt", "train_state_rank00000.pt"], 0) == "whole"
+    assert ds_compat.layout(zero, 3) == "zero3"
+    assert ds_compat.layout(["mp_rank_00_model_states.pt", zero[0]], 2) == "zero12"
     bf16 = ["mp_rank_00_model_states.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"]
-    assert ds_checkpoint.layout(bf16, 0) == "bf16"
+    assert ds_compat.layout(bf16, 0) == "bf16"
     marker = {"world_size": 2, "zero_stage": 0, "files": dict.fromkeys(bf16, 1)}
     reshard.check_resumable(Path("ckpt"), marker, 2)
     with pytest.raises(reshard.ReshardError, match="resume only on the 2 ranks that wrote them"):
@@ -226,7 +226,7 @@ def test_a_resharded_resume_saves_the_same_state_bit_for_bit(runs, stage, old, n
     a = runs["dir"] / (f"src_a{stage}" if old == 2 else f"src_s{stage}") / STEP
     b = runs["dir"] / f"r{stage}_{old}to{new}" / STEP
     assert read_marker(b)["world_size"] == new
-    name = ds_checkpoint.model_states_file(int(stage))
+    name = ds_compat.model_states_file(int(stage))
     assert _model_states_differences(torch.load(a / name, weights_only=False),
                                      torch.load(b / name, weights_only=False)) == []
     if stage != "0":  # stage 0 keeps the optimizer in the model states file, compared above
@@ -262,12 +262,12 @@ def test_the_engine_holds_the_saved_state_after_a_resharded_resume(runs, stage, 
     seen = torch.load(runs["dir"] / f"r{stage}_{old}to{new}" / "probe.pt", weights_only=False)
     weights = consolidated_state_dict(a)
     assert differences(seen["module"], {n: w.reshape(seen["module"][n].shape) for n, w in weights.items()}) == []
-    states = torch.load(a / ds_checkpoint.model_states_file(int(stage)), weights_only=False)
+    states = torch.load(a / ds_compat.model_states_file(int(stage)), weights_only=False)
     assert seen["lr"] == states["lr_scheduler"]["_last_lr"] and seen["global_steps"] == 3
     if stage == "0":
         return
     full, _, _ = reshard.full_optimizer_state(a)
-    for key in ("fp32", *ds_checkpoint.MOMENTS):
+    for key in ("fp32", *ds_compat.MOMENTS):
         assert differences({n: t.flatten() for n, t in seen[key].items()}, {n: s[key] for n, s in full.items()}) == []
     numel = {n: s["fp32"].numel() for n, s in full.items()}
     if stage == "3":  # rank 0's pieces: ceil(numel / new) each

@@ -211,7 +211,7 @@ def _comparable(name: str, value: torch.Tensor) -> torch.Tensor:
 def test_two_ranks_accumulating_equal_four_ranks(tmp_path: Path, stage: int):
     from _train_helpers import metrics, tail, train_command
 
-    from llip_scale.train.engine import consolidated_state_dict
+    from llip_scale.checkpoints.deepspeed_io import consolidated_state_dict
 
     config = write_config(tmp_path / "config.yaml", steps=2, checkpoint={"every": 0, "keep_last": 1},
                           eval={"heldout_samples": 0}, logging={"every": 1, "tensorboard": False, "progress": "lines"})

@@ -74,7 +74,7 @@ def test_logit_scale_is_clamped_in_the_optimizer_copy_too(results, stage):
 
 
 def test_export_consolidates_the_zero3_checkpoint_exactly(results, tmp_path):
-    from llip_scale.train.checkpoint import export
+    from llip_scale.checkpoints.store import export
 
     weights = export(results[3]["checkpoint"], tmp_path / "export")
     from safetensors.torch import load_file

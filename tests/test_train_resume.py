@@ -42,7 +42,7 @@ from _train_helpers import (
     write_config,
 )
 
-from llip_scale.train.checkpoint import MARKER, export, problems
+from llip_scale.checkpoints.store import MARKER, export, problems
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers in Linux /proc")]

@@ -5,7 +5,7 @@
 
 Each repeat writes a ``--gb`` GB state the way a rank saves its shard (``torch.save`` of fp32
 tensors into one file, then fsync), then computes the file's CRC-32 as the trainer does after a
-save (:func:`llip_scale.train.checkpoint.checksum_files`, reading it back while it is still in the page
+save (:func:`llip_scale.checkpoints.store.checksum_files`, reading it back while it is still in the page
 cache), and prints the times and the overhead. Record the numbers in benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from llip_scale.train.checkpoint import checksum_files
+from llip_scale.checkpoints.store import checksum_files
 
 
 def write_state(path: Path, numel: int) -> float:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 def pick_checkpoint(path: Path) -> Path:
     """``path`` itself if it is a checkpoint folder, else the newest complete one of a run folder."""
-    from llip_scale.train.checkpoint import MARKER, list_checkpoints
+    from llip_scale.checkpoints.store import MARKER, list_checkpoints
 
     if (path / MARKER).is_file() or path.name.startswith("step_"):
         return path
@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer to bundle: a sentencepiece .model or CLIP BPE merges (default: the run's)")
     args = p.parse_args(argv)
+    from llip_scale.checkpoints.store import ResumeError, export
     from llip_scale.errors import ConfigError
     from llip_scale.interop.factory import bundle_spec, resolve, write_inference_file
-    from llip_scale.train.checkpoint import ResumeError, export
 
     try:
         checkpoint = pick_checkpoint(args.checkpoint)

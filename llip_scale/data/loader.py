@@ -39,8 +39,8 @@ from llip_scale.data.config import DataConfig, stream_count
 from llip_scale.data.shards import parse_sources, sources_fingerprint
 from llip_scale.data.stream import DataError, Stream, StreamChunk, StreamSpec, merge_skipped, stream_seeds
 from llip_scale.data.tokenizer import Tokenizer
+from llip_scale.dist.signals import ignore_stop_signals
 from llip_scale.errors import ConfigError
-from llip_scale.train.distributed import ignore_stop_signals
 
 log = logging.getLogger("llip_scale.data")
 STATE_VERSION = 2  # 1: one stream per (rank, worker), tied to the world size and data.workers

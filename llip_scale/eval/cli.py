@@ -25,13 +25,13 @@ from typing import Optional
 import torch
 import yaml
 
+from llip_scale.checkpoints.store import ResumeError, export, find_checkpoint
 from llip_scale.eval import suite
 from llip_scale.eval.datasets import parse_spec
 from llip_scale.eval.run import evaluate
 from llip_scale.eval.suite import load_benchmarks
 from llip_scale.interop.factory import get_tokenizer
 from llip_scale.interop.pretrained import load_pretrained
-from llip_scale.train.checkpoint import ResumeError, export, find_checkpoint
 
 
 def load_for_eval(path: Path, device: torch.device, backend: str) -> tuple[torch.nn.Module, dict]:

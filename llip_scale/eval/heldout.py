@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llip_scale.config import Config
+from llip_scale.dist.collectives import DistEnv, all_gather_with_grad
 from llip_scale.eval.evalsets import EvalImages, load_retrieval_split
 from llip_scale.model import ContrastiveModel
-from llip_scale.train.distributed import DistEnv, all_gather_with_grad
 
 
 def _blocks_loss(scores: Tensor, block: int, kind: str) -> float:

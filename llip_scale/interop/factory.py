@@ -35,6 +35,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from llip_scale.checkpoints.deepspeed_io import consolidated_state_dict
+from llip_scale.checkpoints.store import find_checkpoint, first_problem
 from llip_scale.config import load_config
 from llip_scale.data.config import DataConfig
 from llip_scale.data.synthetic import SyntheticTokenizer
@@ -43,8 +45,6 @@ from llip_scale.errors import ConfigError, from_dict, validate_tree
 from llip_scale.interop import official
 from llip_scale.interop.tokenizers import build_tokenizer, is_clip_vocabulary
 from llip_scale.model import ContrastiveModel, ModelConfig, build_model, model_config, model_names
-from llip_scale.train.checkpoint import find_checkpoint, first_problem
-from llip_scale.train.engine import consolidated_state_dict
 
 PathLike = Union[str, os.PathLike]
 INFERENCE_FILE = "inference.yaml"  # tokenizer + preprocessing, written next to an export

@@ -9,10 +9,8 @@ The one module that imports deepspeed. Flow:
 
 After every optimizer step :func:`clamp_logit_scale` clamps the logit scale in the optimizer's
 fp32 master copy (where ZeRO or mixed precision keeps one) and in the module parameter (under
-ZeRO-3, each rank in its own shard). Checkpoint files are written and read here
-(:func:`save_engine`, :func:`load_engine`); :mod:`llip_scale.train.checkpoint` owns the layout, the
-markers and the retention around them. :func:`consolidated_state_dict` rebuilds the full fp32
-weights from any stage's checkpoint without starting processes.
+ZeRO-3, each rank in its own shard). Checkpoint files are read and written by
+:mod:`llip_scale.checkpoints`, which takes the engine as it is.
 """
 from __future__ import annotations
 
@@ -22,7 +20,6 @@ import logging
 import math
 import os
 import warnings
-from pathlib import Path
 from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
@@ -35,12 +32,12 @@ import deepspeed
 from deepspeed.accelerator import get_accelerator
 from deepspeed.ops.adam import DeepSpeedCPUAdam
 from deepspeed.utils import safe_get_full_grad, safe_get_local_fp32_param, safe_set_local_fp32_param
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+from llip_scale.checkpoints.ds_compat import hp_fragment
 from llip_scale.config import Config, deep_merge, local_batch_size
+from llip_scale.dist.collectives import DistEnv
 from llip_scale.model import ContrastiveModel, build_model
 from llip_scale.pairs import resolve_backend
-from llip_scale.train.distributed import DistEnv
 from llip_scale.train.zero_init import build_model_zero3
 
 Engine = deepspeed.DeepSpeedEngine
@@ -197,8 +194,8 @@ def _clamp_master(p: nn.Parameter, low: float, high: float) -> None:
         local = safe_get_local_fp32_param(p)  # this rank's slice; clamping is element-wise
         if local is not None:
             safe_set_local_fp32_param(p, local.clamp(low, high))
-    elif getattr(p, "_hp_mapping", None) is not None:  # ZeRO-1/2, bf16 optimizer
-        p._hp_mapping.get_hp_fragment().data.clamp_(low, high)
+    elif (fragment := hp_fragment(p)) is not None:  # ZeRO-1/2, bf16 optimizer
+        fragment.data.clamp_(low, high)
 
 
 def clamp_logit_scale(engine: Engine) -> tuple[float, float]:
@@ -272,50 +269,3 @@ def full_state_dict(engine: Engine) -> dict[str, Tensor]:
         with _gathered([p]):
             out[name] = p.detach().float().cpu().clone()
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoint files
-# ---------------------------------------------------------------------------------------------
-
-def save_engine(engine: Engine, root: Path, tag: str) -> None:
-    """Model, optimizer and scheduler of every rank into ``root/tag`` (a collective)."""
-    engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
-
-
-def load_engine(engine: Engine, root: Path, tag: str) -> None:
-    """Load ``root/tag`` into the engine; raises when DeepSpeed reports a failed load."""
-    path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load {root / tag}")
-
-
-def zero_dim_parameters(checkpoint_dir: Path) -> list[str]:
-    """Names of the parameters a checkpoint folder stores as 0-dim tensors, from its first model
-    states file: the shapes ZeRO records, or the module's own tensors at stage 0. Checkpoints
-    written while the logit scale and bias were 0-dim hold them so; [] when there is no such file."""
-    files = sorted(Path(checkpoint_dir).glob("*model_states.pt"))
-    if not files:
-        return []
-    state = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
-    shapes: dict[str, Any] = {}
-    for group in state.get("param_shapes") or []:  # ZeRO: one {name: shape} per parameter group
-        shapes.update(group)
-    if not shapes:
-        shapes = {name: t.shape for name, t in (state.get("module") or {}).items()}
-    return sorted(name for name, shape in shapes.items() if len(shape) == 0)
-
-
-def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, Tensor]:
-    """Full fp32 weights from a checkpoint folder of any ZeRO stage (offline, one process)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if list(checkpoint_dir.glob("*optim_states.pt")):  # ZeRO-1/2/3: rebuild from the partitions
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
-    else:
-        files = sorted(checkpoint_dir.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise FileNotFoundError(f"{checkpoint_dir} holds no DeepSpeed model states; pass a checkpoint "
-                                    "folder such as RUN/checkpoints/step_0000001000")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    return {k: v.float().contiguous() for k, v in state.items()}

@@ -33,32 +33,30 @@ import numpy as np
 import torch
 import yaml
 
+from llip_scale.checkpoints import store as checkpoint
+from llip_scale.checkpoints.reshard import check_world_size
+from llip_scale.checkpoints.store import MARKER, ResumeError, list_checkpoints, verify
 from llip_scale.config import Config, ConfigError, batch_split, load_config, save_config, to_dict
 from llip_scale.data.build import build_loader, check_data, tokenizer_from_config
 from llip_scale.data.loader import keys_digest, reshard_state
 from llip_scale.data.stream import DataError
-from llip_scale.dist.signals import hold
-from llip_scale.eval.periodic import evaluate_run, log_mixing
-from llip_scale.launchers.torchrun import run_local
-from llip_scale.scale.flops import train_flops_per_sample
-from llip_scale.train import checkpoint
-from llip_scale.train.checkpoint import MARKER, ResumeError, list_checkpoints, verify
-from llip_scale.train.distributed import (
-    PreemptionFlag,
+from llip_scale.dist.collectives import (
     agree,
     all_gather_objects,
     all_gather_with_grad,
     barrier,
-    ignore_stop_signals,
     init_distributed,
     launch_env,
     lost_peer,
     shutdown,
 )
+from llip_scale.dist.signals import PreemptionFlag, hold, ignore_stop_signals
+from llip_scale.eval.periodic import evaluate_run, log_mixing
+from llip_scale.launchers.torchrun import run_local
+from llip_scale.scale.flops import train_flops_per_sample
 from llip_scale.train.engine import clamp_logit_scale, compute_dtype, initialize, step_optimizer
 from llip_scale.train.metrics import MetricsWriter, Progress, StepMeter
 from llip_scale.train.node import prepare_node
-from llip_scale.train.reshard import check_world_size
 from llip_scale.train.step import forward_step
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_PREEMPTED = 0, 1, 2, 75

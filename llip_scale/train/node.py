@@ -14,8 +14,8 @@ import socket
 import sys
 from typing import Callable
 
+from llip_scale.dist.collectives import DistEnv, barrier, describe_place, placement
 from llip_scale.train.buildlock import clear_stale_locks
-from llip_scale.train.distributed import DistEnv, barrier, describe_place, placement
 from llip_scale.train.engine import prebuild_ops
 
 

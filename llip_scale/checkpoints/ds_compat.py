@@ -1,8 +1,11 @@
-"""DeepSpeed's checkpoint files and the engine internals a resume on another world size touches.
+"""What we read of DeepSpeed beyond its public API: checkpoint file layouts, and the private
+engine and parameter attributes a resume on another world size and the logit-scale clamp touch.
 
 Everything here depends on how DeepSpeed (0.19) lays out a checkpoint folder or keeps its ZeRO
 state, and on nothing else of this project: file names, dictionary keys, and the few private
-engine attributes a resharded load reads and sets. tests/test_reshard.py checks each function:
+engine attributes a resharded load reads and sets (``_param_slice_mappings``, ``_hp_mapping``).
+tests/test_ds_compat.py checks each private read on a live engine; tests/test_reshard.py checks
+each function end to end:
 the readers against DeepSpeed's own consolidation of the fp32 weights, the engine functions by
 resumes that must reproduce the saved state bit for bit, read back through DeepSpeed's public
 getters; a DeepSpeed upgrade that moves one of them fails there.
@@ -12,7 +15,7 @@ getters; a DeepSpeed upgrade that moves one of them fails there.
                                               ──(mmap)──> read_zero12_partition() (stages 1, 2)
     model states file ──(mmap)──> read_model_states() ──> lr scheduler, engine counters, and at
                                   stages 0-2 the module's weights (load_module_weights)
-    a new rank's partition (built by llip_scale.train.reshard) ──> load_zero3_partition(engine)
+    a new rank's partition (built by llip_scale.checkpoints.reshard) ──> load_zero3_partition(engine)
                                                               ──> load_zero12_partition(engine)
 
 This module does not import deepspeed (unpickling a checkpoint file imports the DeepSpeed
@@ -23,7 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -135,13 +138,25 @@ def zero12_state_dict(engine: Any, partition: Zero12Partition) -> dict:
     out.update(base_optimizer_state={"state": state, "param_groups": partition.common["param_groups"]},
                single_partition_of_fp32_groups=[g["fp32"] for g in partition.flat],
                group_paddings=opt.groups_padding, param_alignment_paddings=opt.round_robin_bit16_padding,
-               partition_count=opt.partition_count, param_slice_mappings=opt._param_slice_mappings)
+               partition_count=opt.partition_count, param_slice_mappings=slice_mappings(engine))
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # the live engine
 # ---------------------------------------------------------------------------------------------
+
+def hp_fragment(param: Any) -> Optional[torch.Tensor]:
+    """This rank's fp32 master fragment of ``param`` kept by a ZeRO-1/2 (or bf16) optimizer, a view
+    that writes through; None where the optimizer keeps none for it (stage 0, ZeRO-3)."""
+    mapping = getattr(param, "_hp_mapping", None)
+    return None if mapping is None else mapping.get_hp_fragment()
+
+
+def slice_mappings(engine: Any) -> Any:
+    """The per-parameter slice mappings a ZeRO-1/2 optimizer writes into its state dict."""
+    return engine.optimizer._param_slice_mappings
+
 
 def zero12_layout(engine: Any) -> list[tuple[int, list[tuple[str, int, int, int]]]]:
     """Per parameter group of the engine's ZeRO-1/2 optimizer: (numel of this rank's flat
@@ -150,11 +165,16 @@ def zero12_layout(engine: Any) -> list[tuple[int, list[tuple[str, int, int, int]
     opt = engine.optimizer
     out = []
     for i, group in enumerate(opt.bit16_groups):
-        held = [(opt.param_names[p], int(p._hp_mapping.lp_fragment_address.start),
-                 int(p._hp_mapping.hp_fragment_address.start), int(p._hp_mapping.lp_fragment_address.numel))
-                for p in group if getattr(p, "_hp_mapping", None) is not None]
+        held = [(opt.param_names[p], *_fragment_addresses(p)) for p in group if hp_fragment(p) is not None]
         out.append((int(opt.single_partition_of_fp32_groups[i].numel()), held))
     return out
+
+
+def _fragment_addresses(param: Any) -> tuple[int, int, int]:
+    """(first element of ``param`` this rank holds, its offset in the rank's flat partition, count)."""
+    mapping = param._hp_mapping
+    return (int(mapping.lp_fragment_address.start), int(mapping.hp_fragment_address.start),
+            int(mapping.lp_fragment_address.numel))
 
 
 def load_zero12_partition(engine: Any, state_dict: dict) -> None:

@@ -17,7 +17,7 @@ cut short and padded), is skipped with a warning saying why; each rank checks it
 the files, so the check reads every byte once across the ranks. One that fails to load on any
 rank is skipped the same way (all ranks agree on the outcome), and skipped folders are renamed
 ``*.skipped``. ``llip-train --verify-checkpoint PATH`` runs the same checks on one folder.
-A checkpoint written by another number of ranks is loaded through :mod:`llip_scale.train.reshard`
+A checkpoint written by another number of ranks is loaded through :mod:`llip_scale.checkpoints.reshard`
 (each rank reads its slices of the ZeRO partitions; the train state of rank 0, the RNG state of
 the same rank where there was one, the data state through one replaceable rule).
 Export rebuilds the full fp32 weights into one safetensors file next to the model config, which
@@ -44,11 +44,8 @@ import numpy as np
 import torch
 import yaml
 
-from llip_scale.config import Config, to_dict
-from llip_scale.interop.pretrained import save_weights
-from llip_scale.train.distributed import DistEnv, all_gather_objects, barrier, broadcast_object
-from llip_scale.train.engine import Engine, consolidated_state_dict, load_engine, save_engine, zero_dim_parameters
-from llip_scale.train.reshard import (
+from llip_scale.checkpoints.deepspeed_io import consolidated_state_dict, load_engine, save_engine, zero_dim_parameters
+from llip_scale.checkpoints.reshard import (
     ReshardError,
     SavedStates,
     check_resumable,
@@ -59,8 +56,11 @@ from llip_scale.train.reshard import (
     resumed_line,
     saved_config_split,
 )
+from llip_scale.config import Config, to_dict
+from llip_scale.dist.collectives import DistEnv, all_gather_objects, barrier, broadcast_object
+from llip_scale.interop.pretrained import save_weights
 
-log = logging.getLogger("llip_scale.train.checkpoint")
+log = logging.getLogger("llip_scale.checkpoints.store")
 
 MARKER = "complete.json"
 PREFIX = "step_"
@@ -220,7 +220,7 @@ def mismatches(folder: Path, expected: dict[str, str], names: Optional[list[str]
 # save and retention
 # ---------------------------------------------------------------------------------------------
 
-def save(engine: Engine, cfg: Config, step: int, rank_state: dict, env: DistEnv) -> Path:
+def save(engine: Any, cfg: Config, step: int, rank_state: dict, env: DistEnv) -> Path:
     """Write the checkpoint of ``step`` on every rank (a collective); return its folder."""
     root = checkpoint_root(cfg.run_dir)
     path = root / step_tag(step)
@@ -306,7 +306,7 @@ def problems(path: Path, world_size: Optional[int] = None, contents: bool = True
     unreadable marker, files missing or not the recorded size, and with ``contents`` files whose
     bytes are not the recorded checksum. With ``world_size`` (a resume by that many ranks),
     raises :class:`ResumeError` when it cannot be resumed on that many ranks
-    (:func:`llip_scale.train.reshard.check_resumable`) or holds 0-dim parameters
+    (:func:`llip_scale.checkpoints.reshard.check_resumable`) or holds 0-dim parameters
     (:func:`check_parameter_shapes`)."""
     try:
         info = read_marker(path)
@@ -393,21 +393,21 @@ def _read_rank_state(path: Path, rank: int) -> dict:
 
 def _rank_state(path: Path, marker: dict, env: DistEnv, seed: int) -> dict:
     """This rank's train state: its own file, or on another world size the rule of
-    :func:`llip_scale.train.reshard.rank_state`."""
+    :func:`llip_scale.checkpoints.reshard.rank_state`."""
     if marker["world_size"] == env.world_size:
         return _read_rank_state(path, env.rank)
     return rank_state(SavedStates(lambda r: _read_rank_state(path, r), marker["world_size"]), env.world_size,
                       env.rank, seed)
 
 
-def _load_engine(engine: Engine, path: Path, marker: dict, env: DistEnv) -> None:
+def _load_engine(engine: Any, path: Path, marker: dict, env: DistEnv) -> None:
     if needs_reshard(marker, env.world_size):
         load_resharded(engine, path, marker, env.world_size, env.rank)
     else:  # the same world, or one file that every rank loads whole
         load_engine(engine, path.parent, path.name)
 
 
-def _load(engine: Engine, found: CheckpointDir, env: DistEnv, seed: int) -> tuple[Optional[dict], Optional[str], bool]:
+def _load(engine: Any, found: CheckpointDir, env: DistEnv, seed: int) -> tuple[Optional[dict], Optional[str], bool]:
     """(rank state, None, _) on success; (None, reason, whether the engine was touched)."""
     marker, why = _on_all_ranks(lambda: read_marker(found.path), env, "reading the completion marker")
     if why is None:
@@ -435,10 +435,10 @@ def _log_resume(found: CheckpointDir, cfg: Optional[Config], env: DistEnv) -> No
                           cfg.batch_size))
 
 
-def resume(engine: Engine, run_dir: str | os.PathLike, env: DistEnv, cfg: Optional[Config] = None) -> Optional[dict]:
+def resume(engine: Any, run_dir: str | os.PathLike, env: DistEnv, cfg: Optional[Config] = None) -> Optional[dict]:
     """Load the newest usable checkpoint into ``engine``; return its rank state (RNG restored),
     or None when there is none and the run starts from scratch. A checkpoint of another world
-    size is resharded (:mod:`llip_scale.train.reshard`); ``cfg`` seeds the RNG of ranks the saved
+    size is resharded (:mod:`llip_scale.checkpoints.reshard`); ``cfg`` seeds the RNG of ranks the saved
     world did not have and describes the new batch split in the log.
 
     Rank 0 inspects the folders and every rank follows its verdict. Checkpoints skipped on

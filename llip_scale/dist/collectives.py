@@ -1,4 +1,4 @@
-"""Process group, rank helpers, the text-side all-gather, and the preemption flag.
+"""Process group, rank helpers, the text-side all-gather, and the per-step agreement.
 
 Flow: launcher environment (torchrun: RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT;
 Slurm: SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID) -> :func:`init_distributed` -> a
@@ -9,7 +9,8 @@ In the training step each rank all-gathers the text side with :func:`all_gather_
 whose backward *sums* the incoming gradients over ranks and keeps this rank's rows (a
 reduce-scatter), then once per step :func:`agree` all-reduces the loss together with the
 "loss is non-finite", "stop requested" and "save due" flags, so every rank takes the same decision
-at the same step boundary. Signal handlers (:class:`PreemptionFlag`) only set a local flag.
+at the same step boundary. Signal handlers (:class:`llip_scale.dist.signals.PreemptionFlag`) only set
+a local flag.
 
 Across nodes: :func:`placement` gathers every rank's host and address once at the start (each
 rank logs its own), so that when a peer dies or hangs :func:`lost_peer` can turn the collective's
@@ -28,9 +29,6 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
-
-# The stop-signal layer lives below training; its names stay importable from here.
-from llip_scale.dist.signals import STOP_SIGNALS, PreemptionFlag, ignore_stop_signals  # noqa: F401
 
 
 @dataclass(frozen=True)

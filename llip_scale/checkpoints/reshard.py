@@ -12,7 +12,7 @@ losses), and so the logit-scale clamp state (it lives in the fp32 master). Per r
 * data: kept per stream, not per rank; the loop maps the data states of all saved ranks to each
   rank of the new world (:func:`llip_scale.data.reshard_state`), so :func:`rank_state` leaves it out.
 
-How the optimizer state moves, by the layout of the checkpoint (:func:`ds_checkpoint.layout`):
+How the optimizer state moves, by the layout of the checkpoint (:func:`ds_compat.layout`):
 
     whole (stage 0, fp32/fp16): the one model states file holds everything ──> DeepSpeed loads it
         on any number of ranks
@@ -43,8 +43,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from llip_scale.checkpoints import ds_compat
 from llip_scale.errors import ConfigError
-from llip_scale.train import ds_checkpoint
 
 
 class ReshardError(RuntimeError):
@@ -127,7 +127,7 @@ def check_resumable(path: Path, marker: dict, world_size: int) -> None:
     saved = marker["world_size"]
     if saved == world_size:
         return
-    if ds_checkpoint.layout(marker["files"], marker.get("zero_stage", 3)) == "bf16":
+    if ds_compat.layout(marker["files"], marker.get("zero_stage", 3)) == "bf16":
         raise ReshardError(f"{path} holds the partitions of DeepSpeed's bf16 optimizer (bf16 at ZeRO stage 0), "
                            f"which resume only on the {saved} ranks that wrote them (this run has {world_size}); "
                            f"rerun with {saved} ranks, or use ZeRO stage 1-3 with bf16")
@@ -162,24 +162,24 @@ def zero3_pieces(numel: int, old_world: int, new_world: int, new_rank: int) -> l
 
 def build_zero3_partition(folder: Path, shapes: list[dict[str, torch.Size]], old_world: int,
                           new_layout: list[list[tuple[str, int]]], new_world: int,
-                          new_rank: int) -> ds_checkpoint.Zero3Partition:
+                          new_rank: int) -> ds_compat.Zero3Partition:
     """``new_rank``'s ZeRO-3 partition on ``new_world`` ranks, read from the partitions of the
     ``old_world`` ranks in ``folder`` (only the old ranks that hold a slice of it are opened)."""
     names = [[n for n, _ in group] for group in new_layout]
     if names != [list(group) for group in shapes]:
         raise ReshardError("the model's parameters differ from the checkpoint's (names or order); "
                            "resume with the model config that wrote it")
-    opened: dict[int, ds_checkpoint.Zero3Partition] = {}
+    opened: dict[int, ds_compat.Zero3Partition] = {}
 
-    def old(rank: int) -> ds_checkpoint.Zero3Partition:
+    def old(rank: int) -> ds_compat.Zero3Partition:
         if rank not in opened:
-            opened[rank] = ds_checkpoint.read_zero3_partition(folder, rank)
+            opened[rank] = ds_compat.read_zero3_partition(folder, rank)
         return opened[rank]
 
     flat = []
     for g, (group, layout) in enumerate(zip(shapes, new_layout)):
         total = sum(size for _, size in layout)
-        out = {k: torch.zeros(total, dtype=torch.float32) for k in ("fp32", *ds_checkpoint.MOMENTS)}
+        out = {k: torch.zeros(total, dtype=torch.float32) for k in ("fp32", *ds_compat.MOMENTS)}
         old_offset = new_offset = 0
         for (name, shape), (_, size) in zip(group.items(), layout):
             numel = int(np.prod(shape)) if len(shape) else 1
@@ -194,7 +194,7 @@ def build_zero3_partition(folder: Path, shapes: list[dict[str, torch.Size]], old
             new_offset += size
         flat.append(out)
     first = old(0)
-    return ds_checkpoint.Zero3Partition(flat, first.steps, first.common)
+    return ds_compat.Zero3Partition(flat, first.steps, first.common)
 
 
 def _param_ranges(fragments: list[dict[str, tuple[int, int]]]) -> dict[str, list[tuple[int, int, int, int]]]:
@@ -212,15 +212,15 @@ def _param_ranges(fragments: list[dict[str, tuple[int, int]]]) -> dict[str, list
 
 
 def build_zero12_partition(folder: Path, old_world: int,
-                           new_layout: list[tuple[int, list[tuple[str, int, int, int]]]]) -> ds_checkpoint.Zero12Partition:
-    """A new rank's ZeRO-1/2 partition (its layout from :func:`ds_checkpoint.zero12_layout`),
+                           new_layout: list[tuple[int, list[tuple[str, int, int, int]]]]) -> ds_compat.Zero12Partition:
+    """A new rank's ZeRO-1/2 partition (its layout from :func:`ds_compat.zero12_layout`),
     read from the partitions of the ``old_world`` ranks in ``folder`` (memory-mapped: only the
     slices it needs are read)."""
-    old = [ds_checkpoint.read_zero12_partition(folder, r) for r in range(old_world)]
+    old = [ds_compat.read_zero12_partition(folder, r) for r in range(old_world)]
     flat = []
     for g, (size, held) in enumerate(new_layout):
         ranges = _param_ranges([o.fragments[g] for o in old])
-        out = {k: torch.zeros(size, dtype=torch.float32) for k in ("fp32", *ds_checkpoint.MOMENTS)}
+        out = {k: torch.zeros(size, dtype=torch.float32) for k in ("fp32", *ds_compat.MOMENTS)}
         for name, lp_start, hp_start, numel in held:
             if name not in ranges:
                 raise ReshardError(f"{name} is not in the checkpoint; resume with the model config that wrote it")
@@ -232,24 +232,24 @@ def build_zero12_partition(folder: Path, old_world: int,
                     out[key][hp_start + lo - lp_start:hp_start + hi - lp_start] = \
                         tensor[start + lo - first:start + hi - first]
         flat.append(out)
-    return ds_checkpoint.Zero12Partition(flat, [], old[0].steps, old[0].common)
+    return ds_compat.Zero12Partition(flat, [], old[0].steps, old[0].common)
 
 
 def load_resharded(engine: Any, folder: Path, marker: dict, world_size: int, rank: int) -> None:
     """Load the checkpoint at ``folder``, written by ``marker["world_size"]`` ranks, into the
     engine of ``rank`` of ``world_size`` (a collective under ZeRO-3)."""
     stage = marker.get("zero_stage", 3)
-    states = ds_checkpoint.read_model_states(folder, stage)
-    if ds_checkpoint.layout(marker["files"], stage) == "zero12":
-        ds_checkpoint.load_module_weights(engine, states)
-        partition = build_zero12_partition(folder, marker["world_size"], ds_checkpoint.zero12_layout(engine))
-        ds_checkpoint.load_zero12_partition(engine, ds_checkpoint.zero12_state_dict(engine, partition))
+    states = ds_compat.read_model_states(folder, stage)
+    if ds_compat.layout(marker["files"], stage) == "zero12":
+        ds_compat.load_module_weights(engine, states)
+        partition = build_zero12_partition(folder, marker["world_size"], ds_compat.zero12_layout(engine))
+        ds_compat.load_zero12_partition(engine, ds_compat.zero12_state_dict(engine, partition))
     else:
-        shapes = ds_checkpoint.zero3_param_shapes(states)
-        partition = build_zero3_partition(folder, shapes, marker["world_size"], ds_checkpoint.zero3_layout(engine),
+        shapes = ds_compat.zero3_param_shapes(states)
+        partition = build_zero3_partition(folder, shapes, marker["world_size"], ds_compat.zero3_layout(engine),
                                           world_size, rank)
-        ds_checkpoint.load_zero3_partition(engine, ds_checkpoint.zero3_state_dict(partition, world_size))
-    ds_checkpoint.restore_engine_state(engine, states)
+        ds_compat.load_zero3_partition(engine, ds_compat.zero3_state_dict(partition, world_size))
+    ds_compat.restore_engine_state(engine, states)
 
 
 def full_optimizer_state(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], list[Any], dict]:
@@ -259,9 +259,9 @@ def full_optimizer_state(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor
     folder = Path(folder)
     marker = json.loads((folder / "complete.json").read_text())
     stage, world = marker.get("zero_stage", 3), marker["world_size"]
-    kind = ds_checkpoint.layout(marker["files"], stage)
+    kind = ds_compat.layout(marker["files"], stage)
     if kind == "zero3":
-        shapes = ds_checkpoint.zero3_param_shapes(ds_checkpoint.read_model_states(folder, stage))
+        shapes = ds_compat.zero3_param_shapes(ds_compat.read_model_states(folder, stage))
         whole = [[(name, int(np.prod(shape)) if len(shape) else 1) for name, shape in g.items()] for g in shapes]
         part = build_zero3_partition(folder, shapes, world, whole, 1, 0)
         out = {}
@@ -272,12 +272,12 @@ def full_optimizer_state(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor
                 offset += numel
         return out, part.steps, part.common
     if kind == "zero12":
-        parts = [ds_checkpoint.read_zero12_partition(folder, r) for r in range(world)]
+        parts = [ds_compat.read_zero12_partition(folder, r) for r in range(world)]
         out = {}
         for g in range(len(parts[0].flat)):
             for name, pieces in _param_ranges([p.fragments[g] for p in parts]).items():
                 out[name] = {k: torch.cat([parts[r].flat[g][k][s:s + n] for r, s, _, n in pieces])
-                             for k in ("fp32", *ds_checkpoint.MOMENTS)}
+                             for k in ("fp32", *ds_compat.MOMENTS)}
         return out, parts[0].steps, parts[0].common
     raise ValueError(f"{folder} keeps its optimizer state {kind}, not in ZeRO partitions")
 
@@ -286,7 +286,7 @@ def needs_reshard(marker: dict, world_size: int) -> bool:
     """Whether the engine cannot load the checkpoint with DeepSpeed's own loader."""
     if marker["world_size"] == world_size:
         return False
-    return ds_checkpoint.layout(marker["files"], marker.get("zero_stage", 3)) != "whole"
+    return ds_compat.layout(marker["files"], marker.get("zero_stage", 3)) != "whole"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +321,7 @@ def rank_state(saved: SavedStates, world_size: int, rank: int, seed: int) -> dic
 
 
 def fresh_rng(seed: int, rank: int, step: int) -> dict:
-    """RNG states (as :func:`llip_scale.train.checkpoint.rng_state` returns) seeded from
+    """RNG states (as :func:`llip_scale.checkpoints.store.rng_state` returns) seeded from
     (seed, rank, step): a rank that did not exist in the saved world."""
     ss = np.random.SeedSequence([seed, rank, step])
     words = ss.generate_state(4)
