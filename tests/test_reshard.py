@@ -190,7 +190,7 @@ def runs(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("reshard")
     config = write_config(tmp / "config.yaml", steps=6, checkpoint={"every": 3, "keep_last": 2},
                           logging={"every": 1, "tensorboard": False, "progress": "lines"}, data={"log_keys": True})
-    trained = {f"a{s}": (s, 2) for s in "0123"} | {"s3": ("3", 1)}
+    trained = {f"a{s}": (s, 2) for s in "0123"} | {"s3": ("3", 1), "s0": ("0", 1)}
     out = run_jobs({name: (train_command(config, [f"run_dir={tmp / name}", f"distributed.zero_stage={stage}"], n), n)
                     for name, (stage, n) in trained.items()})
     for name, result in out.items():
@@ -203,10 +203,13 @@ def runs(tmp_path_factory) -> dict:
         source = tmp / (f"src_a{stage}" if old == 2 else f"src_s{stage}")
         jobs[(stage, old, new)] = (worker_command(config, source, tmp / f"r{stage}_{old}to{new}", stage, new), new)
     out.update(run_jobs(jobs))
-    # the 2-rank run continued on 1 rank; apart from the workers, since a starting trainer clears
-    # the extension build locks it finds unheld (llip_scale.train.buildlock)
-    copy_checkpoint(tmp / "a3" / STEP, tmp / "one")
-    out.update(run_jobs({"one": (train_command(config, [f"run_dir={tmp / 'one'}", "distributed.zero_stage=3"], 1), 1)}))
+    # Runs continued on another number of ranks (one rank accumulating two micro-batches).
+    continued = {}
+    for name, (source, stage, world, micro) in CONTINUED.items():
+        copy_checkpoint(tmp / source / STEP, tmp / name)
+        overrides = [f"run_dir={tmp / name}", f"distributed.zero_stage={stage}", f"micro_batch_size={micro}"]
+        continued[name] = (train_command(config, overrides, world), world)
+    out.update(run_jobs(continued))
     out["dir"], out["config"] = tmp, config
     return out
 
@@ -291,38 +294,49 @@ def test_rng_states_carry_over_to_the_same_ranks_and_new_ranks_get_fresh_ones(ru
         assert differences(rng, expected) == [], rank
 
 
+# name: (the run whose step-3 checkpoint it continues, ZeRO stage, ranks, micro batch); each is
+# compared with that run's own uninterrupted steps 4-6.
+CONTINUED = {"a3_on_1": ("a3", 3, 1, 4), "a0_on_1": ("a0", 0, 1, 4), "s3_on_2": ("s3", 3, 2, 4),
+             "s0_on_2": ("s0", 0, 2, 4)}
+
+
 @pytest.mark.slow
-def test_a_run_continued_on_fewer_ranks_matches_the_uninterrupted_run(runs):
-    assert runs["one"]["code"] == 0, tail(runs["one"]["log"])
-    assert "resumed step 3 on 1 ranks (was 2)" in runs["one"]["log"]
-    reference = "a3"
-    losses = {name: {m["step"]: m["train/loss"] for m in metrics(runs["dir"] / name) if "train/loss" in m}
-              for name in ("one", reference)}
-    assert sorted(losses["one"]) == [4, 5, 6]
+@pytest.mark.parametrize("name", list(CONTINUED))
+def test_a_run_continued_on_another_number_of_ranks_matches_the_uninterrupted_run(runs, name):
+    reference, _, world, micro = CONTINUED[name]
+    old = 1 if reference.startswith("s") else 2
+    assert runs[name]["code"] == 0, tail(runs[name]["log"])
+    accum = 8 // (world * micro)
+    assert f"resumed step 3 on {world} ranks (was {old}): micro batch {micro}" in runs[name]["log"], runs[name]["log"]
+    assert f"accum {accum}" in runs[name]["log"]
+    losses = {run: {m["step"]: m["train/loss"] for m in metrics(runs["dir"] / run) if "train/loss" in m}
+              for run in (name, reference)}
+    assert sorted(losses[name]) == [4, 5, 6]
     # the same samples in the same order (synthetic sample keys, digested per global batch)
-    digests = {name: {m["step"]: m["data/keys_digest"] for m in metrics(runs["dir"] / name) if "data/keys_digest" in m}
-               for name in ("one", reference)}
-    assert digests["one"] == {s: digests[reference][s] for s in (4, 5, 6)}
+    digests = {run: {m["step"]: m["data/keys_digest"] for m in metrics(runs["dir"] / name) if "data/keys_digest" in m}
+               for run in (name, reference)}
+    assert digests[name] == {s: digests[reference][s] for s in (4, 5, 6)}
     for step in (4, 5, 6):
-        got, want = losses["one"][step], losses[reference][step]
+        got, want = losses[name][step], losses[reference][step]
         assert abs(got - want) <= 1e-5 * abs(want), (step, got, want)
-    # One rank sums the batch in another order than two ranks (whose all-reduce adds two halves):
+    # One rank sums the batch in another order than two ranks (whose all-reduce adds two halves),
+    # and an accumulating rank in micro-batches:
     # gradients differ in their last bits (relative ~1e-7), and a smooth update carries that into
     # weights that agree to far below 1e-6 of the largest weight. The exception is the key bias of
     # attention: softmax does not change when a constant is added to every key score, so its
     # exact gradient is zero and what is computed is rounding noise, which Adam's normalisation
     # turns into updates of up to about lr each, of either sign: up to 3 x lr after three steps.
     final = "checkpoints/step_0000000006"
-    got, want = consolidated_state_dict(runs["dir"] / "one" / final), consolidated_state_dict(runs["dir"] / reference / final)
+    got, want = consolidated_state_dict(runs["dir"] / name / final), consolidated_state_dict(runs["dir"] / reference / final)
     scale = max(float(w.detach().abs().max()) for w in want.values())
-    for name, w in want.items():
-        diff = (got[name] - w).detach().abs().flatten()
-        if name.endswith("attn.in_proj.bias"):  # [query | key | value] biases
+    for param, w in want.items():
+        diff = (got[param] - w).detach().abs().flatten()
+        if param.endswith("attn.in_proj.bias"):  # [query | key | value] biases
             third = diff.numel() // 3
-            assert float(diff[third:2 * third].max()) <= 3 * 2e-3, name
+            assert float(diff[third:2 * third].max()) <= 3 * 2e-3, param
             diff = torch.cat([diff[:third], diff[2 * third:]])
-        assert float(diff.max()) <= 1e-6 * scale, (name, float(diff.max()), scale)
+        assert float(diff.max()) <= 1e-6 * scale, (param, float(diff.max()), scale)
     # the step-3 weights were not simply kept: training went on
-    start_ = consolidated_state_dict(runs["dir"] / "a3" / STEP)
+    start_ = consolidated_state_dict(runs["dir"] / reference / STEP)
     assert max(float((got[n] - start_[n]).detach().abs().max()) for n in want) > 1e-4
-    assert np.isfinite(list(losses["one"].values())).all()
+    assert np.isfinite(list(losses[name].values())).all()
