@@ -30,8 +30,18 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from _train_helpers import HANG_LIMIT_S, REPO, checkpoint_differences, metrics, tail
-from test_slurm import SIGTERM, Launch, _preempt, check_exact_resume, data_workers, slurmd_log, wait_until
+from _train_helpers import HANG_LIMIT_S, REPO, checkpoint_differences, metrics, newest_complete, tail
+from test_slurm import (
+    SIGTERM,
+    Holds,
+    Launch,
+    _preempt,
+    check_exact_resume,
+    data_workers,
+    requeued,
+    slurmd_log,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 MN_DIR = os.environ.get("LLIP_SLURM_MULTINODE_DIR", "/var/tmp/llip-slurm-multinode")
@@ -269,3 +279,47 @@ def test_min_nodes_starts_on_the_nodes_that_are_up(cluster, demo_data, tmp_path)
     assert "#SBATCH --nodes=1-2" in next((tmp_path / "min_nodes" / "submitit").glob("*_submission.sh")).read_text()
     assert places(log) == [("0", "1", "node1", socket.gethostbyname("node1"), "0", "node1")], tail(log, 60)
     assert json.loads((launch.final_checkpoint() / "complete.json").read_text())["world_size"] == 1
+
+
+def _revive_node2() -> None:
+    subprocess.run(["ip", "link", "set", f"llip{MN_PORT_BASE}n2", "up"], capture_output=True)
+    subprocess.run(["scontrol", "update", "NodeName=node2", "State=RESUME"], capture_output=True)
+    _start_two_nodes()  # starts node2's slurmd again; waits until both nodes are usable
+
+
+# Last: it takes node2 down and brings it back.
+def test_losing_a_node_requeues_the_job_on_the_node_left_and_resumes(two_nodes, demo_data, tmp_path):
+    """node2 dies right after the step-4 checkpoint: its processes killed, its link down, and
+    Slurm told so (as slurmctld finds out by itself after SlurmdTimeout). Slurm ends the attempt
+    (NODE_FAIL) and requeues the job; shrunk to the one node left, it comes back on node1 and
+    resumes the step-4 checkpoint to the end, exactly as the uninterrupted 2-node run ends."""
+    holds = Holds(tmp_path / "holds", ("after-checkpoint", 0))
+    launch = NodesLaunch(demo_data, tmp_path / "node_lost", env=holds.env(), extra=[*TWO_NODES, *evaluation(demo_data)])
+    try:
+        holds.wait_held(launch, "after-checkpoint", 0)  # both ranks, the step-4 checkpoint complete
+        assert newest_complete(launch.run_dir) == 4
+        namespace = f"llip{MN_PORT_BASE}-node2"
+        pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout.split()
+        assert pids, f"no process in {namespace}"
+        for pid in pids:  # slurmd, the job's step daemon, rank 1 and its DataLoader worker
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "link", "set", f"llip{MN_PORT_BASE}n2", "down"], check=True)
+        subprocess.run(["scontrol", "update", "NodeName=node2", "State=DOWN", "Reason=lost"], check=True)
+        wait_until("Slurm giving up the attempt", lambda: launch.state() != "RUNNING", launch.proc)
+        holds.release("after-checkpoint", 0)
+        wait_until("the requeue", lambda: launch.state() == "PENDING", launch.proc)
+        # The job asks for 2 nodes: let it start on the one left (its task count pins the node count).
+        subprocess.run(["scontrol", "update", f"JobId={launch.job_id}", "NumTasks=1", "NumNodes=1"], check=True)
+        out = launch.finish()
+    finally:
+        _revive_node2()
+    log = launch.task_log()
+    assert requeued(out), tail(out)
+    assert "DUE TO NODE FAILURE" in log, tail(log, 60)
+    assert "checkpoints/step_0000000004 (step 4)" in log, tail(log, 60)
+    # The second attempt ran the job's two ranks on node1.
+    assert ("1", "2", "node1", socket.gethostbyname("node1"), "1", "node1") in places(log), tail(log, 60)
+    assert checkpoint_differences(launch.final_checkpoint(), two_nodes.final_checkpoint()) == []
+    losses = lambda run: {m["step"]: m["train/loss"] for m in metrics(run.run_dir) if "train/loss" in m}  # noqa: E731
+    assert losses(launch) == losses(two_nodes)

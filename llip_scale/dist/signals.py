@@ -123,7 +123,8 @@ def hold(phase: str) -> None:
     Phases: ``task-start`` (the task's first code: only the recorder is installed),
     ``job-start`` (the job object is unpickled, torch and this package are imported, the
     scheduler library's handlers were installed), ``before-first-step`` (model built, resumed,
-    loader ready). Signals that arrive while a task waits are recorded as usual.
+    loader ready), and in training ``after-checkpoint`` (after each save of the attempt, the
+    checkpoint complete). Signals that arrive while a task waits are recorded as usual.
     """
     folder = os.environ.get("LLIP_HOLD_DIR")
     if not folder:

@@ -351,6 +351,7 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
                                        {"train": asdict(state), "rng": checkpoint.rng_state()}, env)
                 # The save time sizes launcher.signal_delay_s (see docs/launching-and-preemption.md).
                 progress.message(f"step {state.step}: checkpoint {path} ({time.perf_counter() - started:.1f} s)")
+                hold("after-checkpoint")  # a test stops a node here, a complete checkpoint behind it
             if verdict.stop:
                 progress.message(f"stopped by {preempt.received or 'a signal on another rank'} at step "
                                  f"{state.step}; rerun the same command to continue")
