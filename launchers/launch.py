@@ -45,9 +45,13 @@ def _job_env(code_dir: Path) -> dict[str, str]:
 def slurm_parameters(cfg: Config, code_dir: Path) -> dict:
     lc = cfg.launcher
     env = f"export PYTHONPATH={shlex.quote(str(code_dir))}${{PYTHONPATH:+:$PYTHONPATH}} SUBMITIT_PREEMPT_SIGNAL=USR2"
+    # The step's task count follows the nodes this attempt got, not the count the job was first
+    # submitted with: a job requeued after losing a node may come back on fewer (srun reads these).
+    tasks = f"$(( ${{SLURM_JOB_NUM_NODES:-{lc.nodes}}} * {lc.tasks} ))"
+    count = f"export SLURM_NTASKS={tasks} SLURM_NPROCS={tasks}"
     params = dict(name=lc.job_name, nodes=lc.nodes, tasks_per_node=lc.tasks, cpus_per_task=lc.cpus_per_task,
                   timeout_min=lc.minutes, slurm_signal_delay_s=lc.signal_delay_s,
-                  slurm_setup=[*lc.setup, env], slurm_additional_parameters=dict(lc.sbatch_extra))
+                  slurm_setup=[*lc.setup, env, count], slurm_additional_parameters=dict(lc.sbatch_extra))
     if lc.min_nodes and lc.min_nodes < lc.nodes:
         params["slurm_additional_parameters"]["nodes"] = f"{lc.min_nodes}-{lc.nodes}"  # sbatch --nodes=MIN-MAX
     if lc.gpus_per_node:

@@ -171,3 +171,23 @@ def metrics(run_dir: Path) -> list[dict]:
 def newest_complete(run_dir: Path) -> Optional[int]:
     steps = [int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*") if (p / "complete.json").is_file()]
     return max(steps) if steps else None
+
+
+def weight_differences(got: dict, want: dict, lr: float, steps: int, rel: float = 1e-6) -> list[str]:
+    """Weights of two runs that differ only in the order of their fp32 reductions (another number
+    of ranks or micro-batches): every tensor within ``rel`` of the largest weight. The exception
+    is the key bias of attention: softmax does not change when a constant is added to every key
+    score, so its exact gradient is zero and what is computed is rounding noise, which Adam's
+    normalisation turns into updates of up to about ``lr`` each, of either sign."""
+    scale = max(float(w.detach().abs().max()) for w in want.values())
+    out = []
+    for name, w in want.items():
+        diff = (got[name] - w).detach().abs().flatten()
+        if name.endswith("attn.in_proj.bias"):  # [query | key | value] biases
+            third = diff.numel() // 3
+            if float(diff[third:2 * third].max()) > (steps + 1) * lr:
+                out.append(f"{name} (key bias): {float(diff[third:2 * third].max()):.3g} > {(steps + 1) * lr:.3g}")
+            diff = torch.cat([diff[:third], diff[2 * third:]])
+        if float(diff.max()) > rel * scale:
+            out.append(f"{name}: {float(diff.max()):.3g} > {rel * scale:.3g}")
+    return out
