@@ -1,6 +1,7 @@
 """Launcher settings: Slurm time parsing, dry-run sbatch script, errors before submission."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -45,6 +46,17 @@ def test_min_nodes_asks_slurm_for_a_node_range(tmp_path):
     assert list(cfg.launcher.node_counts) == [2, 3, 4]
     exact = load_config("models/tiny.yaml", [f"run_dir={tmp_path / 'run'}", "launcher.kind=slurm", "launcher.nodes=4"])
     assert "#SBATCH --nodes=4\n" in dry_run(exact) and list(exact.launcher.node_counts) == [4]
+
+
+def test_each_attempt_runs_tasks_per_node_on_every_node_it_got(tmp_path):
+    """The batch script sets srun's task count from the nodes Slurm gave this attempt."""
+    cfg = load_config("models/tiny.yaml", [f"run_dir={tmp_path / 'run'}", "launcher.kind=slurm", "launcher.nodes=4",
+                                           "launcher.min_nodes=2", "launcher.tasks_per_node=2"])
+    line = next(line for line in dry_run(cfg).splitlines() if "SLURM_NTASKS=" in line)
+    for nodes, tasks in ((4, 8), (3, 6), (2, 4)):
+        out = subprocess.run(["bash", "-c", f"{line}; echo $SLURM_NTASKS $SLURM_NPROCS"], capture_output=True,
+                             text=True, env={"SLURM_JOB_NUM_NODES": str(nodes), "PATH": os.environ["PATH"]})
+        assert out.stdout.split() == [str(tasks)] * 2, (line, out.stdout, out.stderr)
 
 
 def test_min_nodes_checks_the_batch_split_of_every_world_size(tmp_path, capsys):
