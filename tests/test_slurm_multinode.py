@@ -213,7 +213,7 @@ def test_two_by_two_runs_the_node_setup_once_per_node(cluster, demo_data, tmp_pa
 
 
 def test_preempting_a_two_node_job_with_term_resumes_exactly(two_nodes, demo_data, tmp_path):
-    launch = NodesLaunch(demo_data, tmp_path / "preempt_term", extra=[*TWO_NODES, *evaluation(demo_data)])
+    launch = NodesLaunch(demo_data, tmp_path / "preempt_term", extra=[*TWO_NODES, *KEYS, *evaluation(demo_data)])
     launch.hold()  # one DataLoader worker per node
     _preempt()
     launch.release_after(SIGTERM)
