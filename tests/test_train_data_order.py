@@ -100,8 +100,8 @@ def test_a_rerun_with_other_streams_stops_in_one_line(runs):
 def test_the_checkpoints_data_states_continue_on_four_ranks(runs):
     """What a resume on another world size does with the data: every rank reads all saved train
     states of the 2-rank checkpoint and takes its streams; the 4 ranks continue the keys."""
+    from llip_scale.checkpoints.store import saved_data_states
     from llip_scale.data import reshard_state
-    from llip_scale.train.loop import saved_data_states
 
     states = saved_data_states(str(runs["dir"] / "two"), STEPS)
     assert len(states) == 2

@@ -391,6 +391,13 @@ def _read_rank_state(path: Path, rank: int) -> dict:
     return torch.load(path / rank_state_name(rank), map_location="cpu", weights_only=False)
 
 
+def saved_data_states(run_dir: str | os.PathLike, step: int) -> list:
+    """The data state of every rank that wrote the checkpoint of ``step``, in rank order (each
+    rank reads all of these small files: the streams a rank owns depend on the world size)."""
+    path = checkpoint_root(run_dir) / step_tag(step)
+    return [_read_rank_state(path, r)["train"]["data"] for r in range(read_marker(path)["world_size"])]
+
+
 def _rank_state(path: Path, marker: dict, env: DistEnv, seed: int) -> dict:
     """This rank's train state: its own file, or on another world size the rule of
     :func:`llip_scale.checkpoints.reshard.rank_state`."""

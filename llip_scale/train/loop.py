@@ -212,15 +212,6 @@ def skipped_samples(batch: Any) -> dict[str, float]:
     return total
 
 
-def saved_data_states(run_dir: str, step: int) -> list:
-    """The data state of every rank that wrote the checkpoint of ``step``, in rank order (each
-    rank reads all of these small files: the streams a rank owns depend on the world size)."""
-    path = checkpoint.checkpoint_root(run_dir) / checkpoint.step_tag(step)
-    ranks = checkpoint.read_marker(path)["world_size"]
-    return [torch.load(path / checkpoint.rank_state_name(r), map_location="cpu", weights_only=False)["train"]["data"]
-            for r in range(ranks)]
-
-
 def global_keys_digest(batch: Any) -> str:
     """The digest of the global batch's sample keys in global order (a collective)."""
     return keys_digest([key for keys in all_gather_objects(list(batch.keys)) for key in keys])
@@ -276,7 +267,7 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
     if saved is not None:
         state = TrainState(**saved["train"])
         # Per stream, not per rank: this rank takes the saved states of the streams it reads now.
-        state.data = reshard_state(saved_data_states(cfg.run_dir, state.step), env.rank, env.world_size)
+        state.data = reshard_state(checkpoint.saved_data_states(cfg.run_dir, state.step), env.rank, env.world_size)
     loader = build_loader(cfg, env, tokenizer)
     if state.data is not None:
         loader.load_state_dict(state.data)
