@@ -13,6 +13,7 @@ from shardgen import make_tokenizer, write_good_shards
 
 from llip_scale.config import ConfigError
 from llip_scale.data import DataConfig, build_train_loader
+from llip_scale.data import loader as loader_module
 from llip_scale.data import stream as stream_module
 
 BATCH, IMAGE, STREAMS = 6, 16, 6  # BATCH: per rank
@@ -169,6 +170,46 @@ def test_workers_survive_the_stop_signals(data):
             os.kill(pid, sig)
     got += [next(batches) for _ in range(5)]
     assert all(_same(a, b) for a, b in zip(got, full))
+
+
+_LOADER_INIT = loader_module._init_worker
+
+
+def _signal_self_first(worker_id: int) -> None:
+    """A worker_init_fn that is hit by every stop signal before the loader's own init runs."""
+    import os
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        os.kill(os.getpid(), sig)
+    _LOADER_INIT(worker_id)
+
+
+def test_workers_survive_stop_signals_that_arrive_before_their_init(data, monkeypatch):
+    """A preemption can reach a worker between its fork and its worker_init_fn, where torch's
+    worker loop has already set SIGTERM to die (and USR1/USR2 still kill): the signals must wait,
+    blocked, until the worker ignores them."""
+    full = _take(_loader(data, 2), 4)
+    monkeypatch.setattr(loader_module, "_init_worker", _signal_self_first)
+    assert all(_same(a, b) for a, b in zip(_take(_loader(data, 2), 4), full))
+
+
+def test_stop_signals_blocked_delays_a_signal_without_losing_it():
+    import os
+    import signal
+
+    from llip_scale.dist.signals import stop_signals_blocked
+
+    got: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+    try:
+        with stop_signals_blocked():
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert got == []
+        assert got == [signal.SIGUSR1]
+        assert signal.SIGUSR1 not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 @pytest.mark.slow  # a process with two loader workers

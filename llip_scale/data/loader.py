@@ -39,7 +39,7 @@ from llip_scale.data.config import DataConfig, stream_count
 from llip_scale.data.shards import parse_sources, sources_fingerprint
 from llip_scale.data.stream import DataError, Stream, StreamChunk, StreamSpec, merge_skipped, stream_seeds
 from llip_scale.data.tokenizer import Tokenizer
-from llip_scale.dist.signals import ignore_stop_signals
+from llip_scale.dist.signals import ignore_stop_signals, stop_signals_blocked
 from llip_scale.errors import ConfigError
 
 log = logging.getLogger("llip_scale.data")
@@ -201,12 +201,14 @@ class TrainLoader:
             # A generator of its own: iter(DataLoader) draws the workers' base seed from it, not
             # from the global RNG, whose state a checkpoint saves and a resume must reproduce.
             # The streams are seeded explicitly, so this seed only feeds torch's worker RNGs.
-            # The workers ignore a scheduler's stop signals (see _init_worker).
+            # The workers ignore a scheduler's stop signals (see _init_worker); until they do,
+            # the signals are blocked in them, from the fork on.
             generator = torch.Generator().manual_seed(self.spec.seeds[0] + self._batches)
-            source = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers,
-                                     collate_fn=_no_collate, prefetch_factor=self.cfg.prefetch,
-                                     pin_memory=torch.cuda.is_available(), generator=generator,
-                                     worker_init_fn=_init_worker))
+            with stop_signals_blocked():
+                source = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers,
+                                         collate_fn=_no_collate, prefetch_factor=self.cfg.prefetch,
+                                         pin_memory=torch.cuda.is_available(), generator=generator,
+                                         worker_init_fn=_init_worker))
         while True:
             chunks: dict[int, StreamChunk] = {}
             for _ in range(workers):  # one item per worker and step, in worker order

@@ -18,12 +18,13 @@ test can deliver a signal at a known point whatever the machine's speed: see :fu
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
 _early: list[str] = []  # stop signals recorded before the run's flag existed, in arrival order
@@ -65,8 +66,28 @@ def ignore_stop_signals(*_: object) -> None:
     and every task once its run has finished or saved (Python restores the default action,
     termination, while it shuts down; an ignored signal stays ignored).
     """
-    for name in STOP_SIGNALS:
-        signal.signal(signal.Signals[name], signal.SIG_IGN)
+    stop = {signal.Signals[name] for name in STOP_SIGNALS}
+    for sig in stop:
+        signal.signal(sig, signal.SIG_IGN)
+    # Blocked by stop_signals_blocked() in a parent that forked this process: a signal pending
+    # since then is discarded now that it is ignored.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Hold back the stop signals in this thread while processes are forked from it.
+
+    A child inherits the blocked set, so a stop signal cannot kill it before it has run
+    :func:`ignore_stop_signals` (torch's DataLoader workers reset SIGTERM to a handler that dies
+    of it before their ``worker_init_fn`` runs). This process gets a signal that arrived meanwhile
+    when the block ends: it is delayed, not lost."""
+    stop = {signal.Signals[name] for name in STOP_SIGNALS}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class PreemptionFlag:
