@@ -117,13 +117,17 @@ def run_seconds(job_id: str) -> int:
     return ((int(days or 0) * 24 + h) * 60 + m) * 60 + sec
 
 
-def wait_until(what: str, condition: Callable[[], bool], launch: Optional[subprocess.Popen] = None) -> None:
-    """Poll ``condition`` until it holds; fail early, with its output, when the launch ended first."""
+def wait_until(what: str, condition: Callable[[], bool], launch: Optional[subprocess.Popen] = None,
+               log: Optional[Callable[[], str]] = None) -> None:
+    """Poll ``condition`` until it holds; fail early, with its output, when the launch ended first.
+    ``log``: what else to show when it fails (e.g. the tasks' logs of a launch that hangs)."""
     ended = (lambda: launch.poll() is not None) if launch is not None else (lambda: False)
     try:
         wait_for(condition, what, ended, poll_s=0.5)
     except AssertionError as e:
-        raise AssertionError(f"{e}\n{tail(launch.stdout.read())}" if launch is not None and ended() else e) from None
+        output = f"\n{tail(launch.stdout.read())}" if launch is not None and ended() else ""
+        logged = f"\n{tail(log(), 60)}" if log is not None else ""
+        raise AssertionError(f"{e}{output}{logged}") from None
 
 
 # ---------------------------------------------------------------------------------------------

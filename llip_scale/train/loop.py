@@ -19,6 +19,7 @@ checkpoint (EX_TEMPFAIL: rerun to continue).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -252,6 +253,29 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
     # Listen from the start: a signal during start-up stops the run after its first step.
     own_flag = preempt is None
     preempt = PreemptionFlag(cfg.distributed.preempt_signals).install() if own_flag else preempt
+    try:
+        with explain_lost_peer(cfg.distributed.timeout_minutes):
+            return _train(cfg, env, preempt)
+    finally:
+        if own_flag:
+            preempt.restore()
+
+
+@contextlib.contextmanager
+def explain_lost_peer(timeout_minutes: float) -> Iterator[None]:
+    """A collective that lost a peer, at any point of the run (start-up collectives included),
+    ends the rank with one line naming who stopped answering rather than a backend traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        lost = lost_peer(e, timeout_minutes)
+        if lost is None:
+            raise
+        log.error("%s", lost)
+        raise TrainingError(lost) from e
+
+
+def _train(cfg: Config, env: Any, preempt: PreemptionFlag) -> int:
     check_data(cfg)
     tokenizer = tokenizer_from_config(cfg)
     check_world_size(cfg, env.world_size)  # names the world sizes that work
@@ -350,15 +374,7 @@ def main(cfg: Config, preempt: Optional[PreemptionFlag] = None) -> int:
                 break
         if status == "done" and not final:  # resumed at the end: report its numbers again
             final = evaluate_run(engine, cfg, env, tokenizer)
-    except RuntimeError as e:  # a collective that lost a peer: say which, in one line
-        lost = lost_peer(e, cfg.distributed.timeout_minutes)
-        if lost is None:
-            raise
-        log.error("%s", lost)
-        raise TrainingError(lost) from e
     finally:
-        if own_flag:
-            preempt.restore()
         progress.close()
         writer.close()
 
