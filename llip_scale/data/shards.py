@@ -17,6 +17,8 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator, Sequence
@@ -242,15 +244,53 @@ def open_shard(url: str) -> Iterator[IO[bytes]]:
 
 @contextlib.contextmanager
 def _open_pipe(command: str) -> Iterator[IO[bytes]]:
-    proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)
+    """The command's stdout. Its stderr is held until it ends: shown when the command ended on
+    its own (a warning, or why it failed), dropped when the reader closed the pipe first, since
+    a command still writing then fails with 'Broken pipe' (Python programs such as the aws CLI
+    ignore SIGPIPE and print it) while the archive it was sending had been read to its end."""
+    proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            bufsize=1 << 20)
+    errors = _Collect(proc.stderr)
     try:
         if not proc.stdout.peek(1):  # no output at all: tell a failing command from an empty one
             code = proc.wait()
             if code != 0:
-                raise ShardOpenError("unreadable_shard", f"command exited with status {code}")
+                errors.join()
+                last = errors.last_line()
+                raise ShardOpenError("unreadable_shard", f"command exited with status {code}"
+                                     + (f": {last}" if last else ""))
         yield proc.stdout
     finally:
-        proc.stdout.close()  # a command still writing gets SIGPIPE; the archive was already read
+        ended_first = proc.poll() is not None
+        proc.stdout.close()
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        errors.join()
+        if ended_first and errors.text:
+            sys.stderr.buffer.write(errors.text)
+            sys.stderr.flush()
+
+
+class _Collect:
+    """Reads a pipe to its end in a thread (a command blocked on a full stderr pipe would never
+    end), keeping the last 64 KiB."""
+
+    LIMIT = 1 << 16
+
+    def __init__(self, pipe: IO[bytes]):
+        self.pipe, self.text = pipe, b""
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        with self.pipe:
+            for line in self.pipe:
+                self.text = (self.text + line)[-self.LIMIT:]
+
+    def join(self) -> None:
+        self.thread.join(timeout=10)  # a grandchild of the shell may hold stderr a little longer
+
+    def last_line(self) -> str:
+        lines = self.text.decode("utf-8", "replace").strip().splitlines()
+        return lines[-1].strip() if lines else ""
