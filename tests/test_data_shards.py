@@ -6,13 +6,14 @@ import gzip
 import io
 import itertools
 import tarfile
+import time
 
 import pytest
 from shardgen import good_members, make_tokenizer, write_good_shards
 
 from llip_scale.config import ConfigError, load_config
 from llip_scale.data import DataConfig, build_train_loader, check_sources
-from llip_scale.data.shards import ShardSampler, expand_braces, parse_sources
+from llip_scale.data.shards import ShardOpenError, ShardSampler, expand_braces, open_shard, parse_sources
 from llip_scale.data.tario import TarError, iter_members, iter_samples
 
 
@@ -136,3 +137,27 @@ def test_every_cut_short_archive_is_reported_as_truncated(tmp_path):
         with pytest.raises(TarError, match="not a tar file") as err:
             list(iter_members(io.BufferedReader(io.BytesIO(garbage))))
         assert err.value.reason == "bad_tar"
+
+
+def test_a_pipe_closed_early_leaves_no_broken_pipe_noise(tmp_path, capfd):
+    spec = write_good_shards(tmp_path / "a", shards=1, per_shard=3)
+    done = tmp_path / "writer.done"
+    # A writer that ignores SIGPIPE (as Python programs such as the aws CLI do) gets EPIPE once
+    # the reader stops, and says so on stderr; it runs in the background of the shell, so it
+    # outlives the shell if the shell is killed, and marks its end.
+    command = f"trap '' PIPE; (cat {spec}; yes padding; touch {done}) & wait"
+    with open_shard(f"pipe:{command}") as f:
+        keys = [s["__key__"] for s in iter_samples(f)]
+    assert len(keys) == 3
+    deadline = time.monotonic() + 20
+    while not done.exists() and time.monotonic() < deadline:  # let it say what it has to say
+        time.sleep(0.05)
+    assert done.exists()
+    err = capfd.readouterr().err
+    assert "Broken pipe" not in err and "BrokenPipe" not in err
+
+
+def test_a_failing_pipe_command_names_its_error():
+    with pytest.raises(ShardOpenError, match=r"status 3: no such shard here"):
+        with open_shard("pipe:echo 'no such shard here' >&2; exit 3"):
+            pass

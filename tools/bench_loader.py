@@ -40,10 +40,10 @@ BATCH = 64
 SHUFFLE = 1000
 
 
-def make_set(out: Path, n: int, size: int, noise: float) -> tuple[str, list[str]]:
+def make_set(out: Path, n: int, size: int, noise: float, per_shard: int = 500) -> tuple[str, list[str]]:
     """Shards of ``n`` procedural scenes rendered at ``size`` px; returns (spec, captions)."""
     caps_all: list[str] = []
-    with ShardWriter(out, 500) as w:
+    with ShardWriter(out, per_shard) as w:
         for i in range(n):
             rng = np.random.default_rng([7, size, i])
             scene = scenes.random_scene(rng)

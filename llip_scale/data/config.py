@@ -15,7 +15,8 @@ class DataConfig:
     # webdataset: shards named by `shards`; synthetic: a seeded generated stream (tests, smoke runs).
     source: Literal["webdataset", "synthetic"] = "webdataset"
     # Webdataset spec: brace patterns ("shard-{000000..000099}.tar"), local paths, folders of
-    # .tar files or "pipe:COMMAND"; several sources separated by '::'.
+    # .tar files, "s3://bucket/shard-{0..9}.tar" (or gs://) or "pipe:COMMAND"; several sources
+    # separated by '::'.
     shards: str = ""
     # Sampling weight per source (same order as in `shards`); empty: proportional to shard counts.
     weights: list[float] = field(default_factory=list)
@@ -33,6 +34,13 @@ class DataConfig:
     max_skip_rate: float = 0.05  # stop when a stream skips more than this fraction of samples
     skip_check_after: int = 1000  # samples a stream sees before the skip rate is enforced
     log_keys: bool = False  # write a digest of each global batch's sample keys to metrics.jsonl
+    # Object-store shards (s3://, gs://): attempts after a transient fault (each continues at the
+    # byte the read stopped at), the first wait between them (doubled each time), the timeout of
+    # one request, and the bytes each stream reads ahead in the background (0: none).
+    s3_retries: int = 8
+    s3_backoff: float = 0.5
+    s3_timeout: float = 60.0
+    prefetch_bytes: int = 64 << 20
 
     def validate(self, name: str) -> None:
         check(self.streams >= 0, f"{name}.streams must be >= 0 (0: auto), got {self.streams}")
@@ -50,6 +58,16 @@ class DataConfig:
         check(self.skip_check_after >= 1, f"{name}.skip_check_after must be >= 1")
         check(all(w >= 0 for w in self.weights) and (not self.weights or sum(self.weights) > 0),
                f"{name}.weights must be >= 0 with a positive sum, got {self.weights}")
+        check(self.s3_retries >= 0, f"{name}.s3_retries must be >= 0, got {self.s3_retries}")
+        check(self.s3_backoff >= 0, f"{name}.s3_backoff must be >= 0 seconds, got {self.s3_backoff}")
+        check(self.s3_timeout > 0, f"{name}.s3_timeout must be > 0 seconds, got {self.s3_timeout}")
+        check(self.prefetch_bytes >= 0,
+              f"{name}.prefetch_bytes must be >= 0 (0: no prefetch), got {self.prefetch_bytes}")
+        if self.source == "webdataset" and any(s.strip().startswith(("s3://", "gs://"))
+                                               for s in self.shards.split("::")):
+            from llip_scale.data.objects import require_boto3
+
+            require_boto3(f"{name}.shards")
         n_sources = len([s for s in self.shards.split("::") if s.strip()])
         check(not self.weights or len(self.weights) == n_sources,
                f"{name}.weights has {len(self.weights)} entries but {name}.shards names "

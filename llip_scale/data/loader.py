@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from llip_scale.data.config import DataConfig, stream_count
-from llip_scale.data.shards import parse_sources, sources_fingerprint
+from llip_scale.data.shards import object_options, parse_sources, sources_fingerprint
 from llip_scale.data.stream import DataError, Stream, StreamChunk, StreamSpec, merge_skipped, stream_seeds
 from llip_scale.data.tokenizer import Tokenizer
 from llip_scale.dist.signals import ignore_stop_signals, stop_signals_blocked
@@ -55,6 +55,8 @@ class Batch:
     skipped: dict[str, int]  # reason -> samples skipped by this rank's streams since the start of the run
     captions: list[str] = field(default_factory=list)  # the caption drawn for each sample
     keys: list[str] = field(default_factory=list)  # each sample's key (webdataset ``__key__``)
+    # kind -> object-store reads this rank's streams retried since the start of the run
+    retries: dict[str, int] = field(default_factory=dict)
 
 
 def owned_streams(streams: int, rank: int, world_size: int) -> range:
@@ -152,7 +154,7 @@ class TrainLoader:
             sources=tuple(self.sources), seeds=self.seeds, chunk_size=self.global_batch // streams,
             image_size=self.image_size, tokenizer=self.tokenizer, shuffle_buffer=cfg.shuffle_buffer,
             crop_scale=tuple(cfg.crop_scale), max_skip_rate=cfg.max_skip_rate,
-            skip_check_after=cfg.skip_check_after)
+            skip_check_after=cfg.skip_check_after, objects=object_options(cfg))
         self._meta = {"version": STATE_VERSION, "streams": streams, "batch_size": self.global_batch,
                       "image_size": self.image_size, "seeds": list(self.seeds),
                       "sources": sources_fingerprint(self.sources)}
@@ -232,7 +234,7 @@ class TrainLoader:
             log.info("data: rank %d skipped %d sample(s) so far: %s", self.rank, total, skipped)
         return Batch(torch.cat([c.images for c in chunks]), torch.cat([c.tokens for c in chunks]),
                      self.state_dict(), skipped, [t for c in chunks for t in c.captions],
-                     [k for c in chunks for k in c.keys])
+                     [k for c in chunks for k in c.keys], merge_skipped(self._streams, "retries"))
 
 
 def _what_differs(key: str, theirs: Any, ours: Any) -> str:

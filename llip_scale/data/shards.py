@@ -1,12 +1,14 @@
 """Shard specs: brace expansion, weighted sources, checks, the resampled shard order, opening.
 
 Flow: ``DataConfig.shards`` ("a/{000..009}.tar::pipe:cat b/{0..3}.tar") -> :func:`parse_sources`
-(one :class:`Source` per '::' part, its shard URLs expanded, a sampling weight) ->
+(one :class:`Source` per '::' part, its shard URLs expanded, a sampling weight; ``s3://`` and
+``gs://`` sources need boto3, see :mod:`llip_scale.data.objects`) ->
 :func:`check_sources` before training (missing or empty sources raise ``ConfigError``) ->
 in each of the run's streams a :class:`ShardSampler` draws the next shard as a pure function of
 (seeds, stream, position, per-source draw counts), whichever rank or worker runs the stream, so
 its state is two small integers' worth and a resumed stream continues the same order ->
-:func:`open_shard` yields a byte stream.
+:func:`open_shard` yields a byte stream (object-store shards: the stream's
+:class:`~llip_scale.data.objects.Prefetcher`).
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator, Sequence
@@ -24,6 +28,7 @@ from typing import IO, Iterator, Sequence
 import numpy as np
 
 from llip_scale.data.config import DataConfig
+from llip_scale.data.objects import ObjectOptions, ShardOpenError, head, is_object_url, require_boto3
 from llip_scale.errors import ConfigError
 
 PIPE = "pipe:"
@@ -37,12 +42,16 @@ class Source:
     """One '::'-separated part of the shard spec."""
 
     spec: str  # as written in the config
-    urls: tuple[str, ...]  # local paths or "pipe:COMMAND", one per shard
+    urls: tuple[str, ...]  # local paths, "pipe:COMMAND" or "s3://bucket/key", one per shard
     weight: float
 
     @property
     def is_pipe(self) -> bool:
         return self.spec.startswith(PIPE)
+
+    @property
+    def is_object(self) -> bool:
+        return is_object_url(self.spec)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -91,6 +100,8 @@ def _brace_options(body: str) -> list[str]:
 def _expand_source(spec: str) -> tuple[str, ...]:
     if spec.startswith(PIPE):
         return tuple(PIPE + cmd for cmd in expand_braces(spec[len(PIPE):]))
+    if is_object_url(spec):
+        return tuple(expand_braces(spec))
     path = spec[len("file:"):] if spec.startswith("file:") else spec
     if os.path.isdir(path):  # a folder: every tar shard inside it, in name order
         return tuple(str(p) for p in sorted(Path(path).iterdir())
@@ -104,6 +115,8 @@ def parse_sources(shards: str, weights: Sequence[float] = ()) -> list[Source]:
     if weights and len(weights) != len(specs):
         raise ConfigError(f"data.weights has {len(weights)} entries for {len(specs)} source(s) "
                           f"in data.shards; give one weight per source or none")
+    if any(is_object_url(s) for s in specs):
+        require_boto3("data.shards")
     try:
         expanded = [_expand_source(s) for s in specs]
     except ValueError as e:
@@ -125,6 +138,8 @@ def check_sources(cfg: DataConfig) -> list[Source]:
             raise ConfigError(f"{name} matches no shards; check the path or brace pattern")
         if src.is_pipe:
             _check_pipe(src, name)
+        elif src.is_object:
+            _check_object(src, name, object_options(cfg))
         else:
             _check_local(src, name)
     if sum(s.weight for s in sources if s.urls) <= 0:
@@ -150,6 +165,21 @@ def _file_size(path: str) -> int | None:
     except OSError:
         return None
     return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def object_options(cfg: DataConfig) -> ObjectOptions:
+    return ObjectOptions(retries=cfg.s3_retries, backoff=cfg.s3_backoff, timeout=cfg.s3_timeout,
+                         prefetch_bytes=cfg.prefetch_bytes)
+
+
+def _check_object(src: Source, name: str, options: ObjectOptions) -> None:
+    """The first shard of an object-store source exists and is readable (one HEAD request:
+    listing a bucket of 100k shards would take long, and a fault passes)."""
+    try:
+        head(src.urls[0], options)
+    except ShardOpenError as e:
+        raise ConfigError(f"{name}: {e}; check the bucket, the key pattern and the credentials "
+                          f"(AWS_* variables, AWS_PROFILE, AWS_ENDPOINT_URL)") from None
 
 
 def _check_pipe(src: Source, name: str) -> None:
@@ -216,14 +246,6 @@ class ShardSampler:
         return self._perm
 
 
-class ShardOpenError(Exception):
-    """A shard could not be opened or its command failed; ``reason`` is the skip reason."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-
-
 @contextlib.contextmanager
 def open_shard(url: str) -> Iterator[IO[bytes]]:
     """A buffered binary stream over a local shard or the stdout of a ``pipe:`` command."""
@@ -242,15 +264,53 @@ def open_shard(url: str) -> Iterator[IO[bytes]]:
 
 @contextlib.contextmanager
 def _open_pipe(command: str) -> Iterator[IO[bytes]]:
-    proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)
+    """The command's stdout. Its stderr is held until it ends: shown when the command ended on
+    its own (a warning, or why it failed), dropped when the reader closed the pipe first, since
+    a command still writing then fails with 'Broken pipe' (Python programs such as the aws CLI
+    ignore SIGPIPE and print it) while the archive it was sending had been read to its end."""
+    proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            bufsize=1 << 20)
+    errors = _Collect(proc.stderr)
     try:
         if not proc.stdout.peek(1):  # no output at all: tell a failing command from an empty one
             code = proc.wait()
             if code != 0:
-                raise ShardOpenError("unreadable_shard", f"command exited with status {code}")
+                errors.join()
+                last = errors.last_line()
+                raise ShardOpenError("unreadable_shard", f"command exited with status {code}"
+                                     + (f": {last}" if last else ""))
         yield proc.stdout
     finally:
-        proc.stdout.close()  # a command still writing gets SIGPIPE; the archive was already read
+        ended_first = proc.poll() is not None
+        proc.stdout.close()
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        errors.join()
+        if ended_first and errors.text:
+            sys.stderr.buffer.write(errors.text)
+            sys.stderr.flush()
+
+
+class _Collect:
+    """Reads a pipe to its end in a thread (a command blocked on a full stderr pipe would never
+    end), keeping the last 64 KiB."""
+
+    LIMIT = 1 << 16
+
+    def __init__(self, pipe: IO[bytes]):
+        self.pipe, self.text = pipe, b""
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        with self.pipe:
+            for line in self.pipe:
+                self.text = (self.text + line)[-self.LIMIT:]
+
+    def join(self) -> None:
+        self.thread.join(timeout=10)  # a grandchild of the shell may hold stderr a little longer
+
+    def last_line(self) -> str:
+        lines = self.text.decode("utf-8", "replace").strip().splitlines()
+        return lines[-1].strip() if lines else ""

@@ -74,9 +74,22 @@ def _maybe_gunzip(stream: IO[bytes]) -> IO[bytes]:
 
 def iter_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
     """``(path, data)`` of every regular file, in archive order."""
-    stream = _maybe_gunzip(stream)
+    for _, path, data in iter_placed_members(stream):
+        yield path, data
+
+
+def iter_placed_members(stream: IO[bytes], base: int = 0) -> Iterator[tuple[int | None, str, bytes]]:
+    """``(offset, path, data)`` of every regular file; ``offset`` is where the member's first
+    header (its long-name header, if any) starts in the raw stream, ``base`` being the offset of
+    the stream's first byte, so a reader can start again there; None inside a gzip layer."""
+    plain = _maybe_gunzip(stream)
+    pos = base if plain is stream else None
+    stream = plain
     long_name: str | None = None
+    start, extended = pos, False  # extended: a long-name or pax header belongs to the next member
     while True:
+        if not extended:
+            start = pos
         block = _read(stream, BLOCK)
         if len(block) < BLOCK:
             raise TarError("truncated_tar", "archive ends without its end-of-archive block")
@@ -87,12 +100,15 @@ def iter_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
         padding = _read(stream, -size % BLOCK)
         if len(data) < size or len(padding) < -size % BLOCK:
             raise TarError("truncated_tar", f"archive ends inside member '{name}'")
+        if pos is not None:
+            pos += BLOCK + size + -size % BLOCK
+        extended = kind in (b"L", b"x")
         if kind == b"L":  # GNU long name of the next member
             long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         elif kind == b"x":  # pax extended header of the next member
             long_name = _pax_path(data) or long_name
         elif kind in REGULAR_TYPES:
-            yield (long_name or name), data
+            yield start, (long_name or name), data
             long_name = None
         else:  # directories, links, global pax headers: nothing to read
             long_name = None if kind != b"g" else long_name
@@ -109,16 +125,27 @@ def split_key(path: str) -> tuple[str, str] | None:
 
 def iter_samples(stream: IO[bytes]) -> Iterator[dict]:
     """Samples of one archive; a :class:`TarError` drops the sample being assembled."""
+    for _, sample in iter_placed_samples(stream):
+        yield sample
+
+
+def iter_placed_samples(stream: IO[bytes], base: int = 0) -> Iterator[tuple[int | None, dict]]:
+    """``(offset, sample)``: each sample with the raw offset of its first member's header (see
+    :func:`iter_placed_members`), from which a reader of the same archive finds the same sample
+    and the ones after it."""
     current: dict = {}
-    for path, data in iter_members(stream):
+    start: int | None = None
+    for offset, path, data in iter_placed_members(stream, base):
         parts = split_key(path)
         if parts is None:
             continue
         key, ext = parts
         if current and current["__key__"] != key:
-            yield current
+            yield start, current
             current = {}
+        if not current:
+            start = offset
         current.setdefault("__key__", key)
         current[ext] = data
     if current:
-        yield current
+        yield start, current

@@ -203,14 +203,17 @@ def timed_save_due(cfg: Config, saved_at: float) -> bool:
     return minutes > 0 and time.monotonic() - saved_at >= 60 * minutes
 
 
-def skipped_samples(batch: Any) -> dict[str, float]:
-    """Samples the loaders dropped since the run started (their counts survive resumes), by
-    reason, summed over ranks (a collective)."""
-    total: dict[str, float] = {}
-    for per_rank in all_gather_objects(dict(getattr(batch, "skipped", {}) or {})):
-        for reason, count in per_rank.items():
-            total[reason] = total.get(reason, 0) + count
-    return total
+def data_counts(batch: Any) -> tuple[dict[str, float], dict[str, float]]:
+    """Samples the loaders dropped since the run started, by reason, and object-store reads they
+    retried, by kind (both survive resumes), summed over ranks (one collective)."""
+    skipped: dict[str, float] = {}
+    retries: dict[str, float] = {}
+    mine = (dict(getattr(batch, "skipped", {}) or {}), dict(getattr(batch, "retries", {}) or {}))
+    for per_rank in all_gather_objects(mine):
+        for total, counts in zip((skipped, retries), per_rank):
+            for reason, count in counts.items():
+                total[reason] = total.get(reason, 0) + count
+    return skipped, retries
 
 
 def global_keys_digest(batch: Any) -> str:
@@ -338,13 +341,14 @@ def _train(cfg: Config, env: Any, preempt: PreemptionFlag) -> int:
             # -- metrics ------------------------------------------------------------------------
             keys = {"data/keys_digest": global_keys_digest(batch)} if cfg.data.log_keys else {}
             if due(state.step, cfg.logging.every, cfg.steps):
-                state.skipped_samples = skipped_samples(batch)
+                state.skipped_samples, retries = data_counts(batch)
                 losses = state.pending_losses
                 scalars = {"train/loss": sum(losses) / len(losses) if losses else float("nan"),
                            "train/lr": lr, "train/logit_scale": math.exp(scale),
                            "train/logit_bias": bias, "train/grad_norm": gnorm,
                            "train/nonfinite_steps": state.nonfinite_total, **meter.rates(),
-                           **{f"data/skipped/{k}": v for k, v in state.skipped_samples.items()}}
+                           **{f"data/skipped/{k}": v for k, v in state.skipped_samples.items()},
+                           **{f"data/retries/{k}": v for k, v in retries.items()}}
                 writer.write(state.step, {**scalars, **keys})
                 progress.update(state.step, scalars)
                 state.pending_losses = []
