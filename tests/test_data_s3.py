@@ -246,3 +246,31 @@ def test_prefetch_bytes_is_validated():
         DataConfig(prefetch_bytes=-1).validate("data")
     with pytest.raises(ConfigError, match="s3_retries"):
         DataConfig(s3_retries=-1).validate("data")
+
+
+@pytest.mark.slow  # two short training runs
+def test_training_from_s3_through_faults_matches_the_local_copy(s3, tmp_path):
+    """llip-train on s3:// shards with faults injected: the same global batches (key digests)
+    and losses as the run on the local copy, and the retries in the run's metrics."""
+    from _train_helpers import metrics, run, tail, train_command, write_config
+
+    proxy = s3["proxy"]
+    proxy.plan("shard-000000.tar", "cut:2500", "503")
+    proxy.plan("shard-000001.tar", "cut:6000")
+    losses, digests, retries = {}, {}, {}
+    for name, shards in (("s3", SPEC), ("local", _local_spec(s3))):
+        config = write_config(tmp_path / f"{name}.yaml", steps=4,
+                              data={"source": "webdataset", "shards": shards, "tokenizer": s3["tok"].path,
+                                    "workers": 1, "shuffle_buffer": 5, "streams": 2, "log_keys": True,
+                                    "s3_backoff": 0.01},
+                              eval={"heldout_samples": 0})
+        out = run(train_command(config, [f"run_dir={tmp_path / name}"], nproc=1))
+        assert out.returncode == 0, tail(out.stdout + out.stderr)
+        rows = metrics(tmp_path / name)
+        losses[name] = [m["train/loss"] for m in rows if "train/loss" in m]
+        digests[name] = [m["data/keys_digest"] for m in rows if "data/keys_digest" in m]
+        retries[name] = {k: v for k, v in rows[-1].items() if k.startswith("data/retries/")}
+    assert len(digests["s3"]) == 4 and digests["s3"] == digests["local"]
+    assert losses["s3"] == losses["local"]
+    assert retries["local"] == {}
+    assert retries["s3"].get("data/retries/cut", 0) >= 1, retries["s3"]

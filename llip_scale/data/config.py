@@ -65,7 +65,7 @@ class DataConfig:
               f"{name}.prefetch_bytes must be >= 0 (0: no prefetch), got {self.prefetch_bytes}")
         if self.source == "webdataset" and any(s.strip().startswith(("s3://", "gs://"))
                                                for s in self.shards.split("::")):
-            from llip_scale.data.objects import require_boto3
+            from llip_scale.data.objects import require_boto3  # only for object-store sources
 
             require_boto3(f"{name}.shards")
         n_sources = len([s for s in self.shards.split("::") if s.strip()])

@@ -106,8 +106,8 @@ def client(scheme: str, timeout: float) -> Any:
 
 
 def _make_client(scheme: str, timeout: float) -> Any:
-    import boto3
-    from botocore.config import Config
+    import boto3  # optional (llip_scale[s3]): imported only when an object store is read
+    from botocore.config import Config  # optional, as boto3
 
     settings: dict[str, Any] = dict(retries={"total_max_attempts": 1}, connect_timeout=timeout,
                                     read_timeout=timeout, max_pool_connections=16)
@@ -125,7 +125,7 @@ def _make_client(scheme: str, timeout: float) -> Any:
 
 def transient_kind(error: BaseException) -> str | None:
     """The kind of a fault worth another attempt, None for a permanent one."""
-    from botocore import exceptions as bx
+    from botocore import exceptions as bx  # optional (llip_scale[s3]), as boto3
 
     if isinstance(error, bx.ClientError):
         code = str(error.response.get("Error", {}).get("Code", ""))
@@ -142,7 +142,7 @@ def transient_kind(error: BaseException) -> str | None:
     if isinstance(error, (bx.EndpointConnectionError, bx.ConnectionClosedError, ConnectionError)):
         return "connection"
     if type(error).__module__.startswith("urllib3"):  # raised by the body's raw stream
-        from urllib3 import exceptions as ux
+        from urllib3 import exceptions as ux  # comes with botocore, which is optional
 
         if isinstance(error, ux.TimeoutError):
             return "timeout"
@@ -152,7 +152,7 @@ def transient_kind(error: BaseException) -> str | None:
 
 def describe(url: str, error: BaseException) -> str:
     """``"s3://b/k: 404 NoSuchKey (The specified key does not exist.)"``."""
-    from botocore import exceptions as bx
+    from botocore import exceptions as bx  # optional (llip_scale[s3]), as boto3
 
     if isinstance(error, bx.ClientError):
         err = error.response.get("Error", {})
@@ -222,7 +222,7 @@ class ObjectReader(io.RawIOBase):
         return data
 
     def _get(self) -> None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError  # optional (llip_scale[s3]), as boto3
 
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
         if self.pos:
