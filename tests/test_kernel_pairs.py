@@ -6,6 +6,7 @@ Inputs are fresh random draws each run; a failure names its seed (rerun with LLI
 """
 from __future__ import annotations
 
+import importlib
 import os
 import random
 
@@ -15,7 +16,12 @@ import torch
 from llip_scale.model import build_model, model_config
 from llip_scale.pairs import available_backends, pair_loss, pair_scores
 
-kp = pytest.importorskip("llip_scale.kernels.pairs", reason="needs triton")
+# With a GPU (or LLIP_REQUIRE_GPU_KERNELS=1) the kernels must import: an ImportError fails the
+# module instead of skipping it, so a broken install cannot pass as "all skipped".
+if torch.cuda.is_available() or os.environ.get("LLIP_REQUIRE_GPU_KERNELS", "0") not in ("", "0"):
+    kp = importlib.import_module("llip_scale.kernels.pairs")
+else:
+    kp = pytest.importorskip("llip_scale.kernels.pairs", reason="needs triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ["keys", "values", "w_o", "queries", "targets", "logit_scale", "logit_bias"]
