@@ -47,7 +47,9 @@ MAX_KC_FP32 = 64
 # fp32 dots with input_precision="ieee" run on the FMA units, whose operand layout gives each
 # thread whole KC-long columns of the KC x KC Gram blocks: fp32 takes the smallest token block
 # (from 16) that keeps the forward's unrolled Gram pass at most this many blocks (NB^2 / 2 block
-# products), which spills nothing at NB <= 16 and keeps its compile within seconds.
+# products, so compile time). KC = 16 keeps the spills of the zoo's B and L/14 heads under 100
+# bytes; H/14 and G/14 (NB = 32 at KC = 16) take KC = 32 and spill kilobytes in the forward
+# (benchmarks/RESULTS.md): fp32 is the tests' dtype, the zoo trains in bf16.
 MAX_NB_FP32 = 16
 
 
