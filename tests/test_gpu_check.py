@@ -49,7 +49,7 @@ def test_all_passed_and_measured_is_a_pass(tmp_path, capsys):
 
 def test_a_skipped_kernel_test_is_a_failure(tmp_path, capsys):
     rc, line = _verdict(_out_dir(tmp_path, skipped=1), capsys)
-    assert rc == 1 and line.startswith("FAIL: 1 test(s) skipped: first tests.test_kernel_gpu::test_b"), line
+    assert rc == 1 and line.startswith("FAIL: 1 kernel test(s) skipped: first tests.test_kernel_gpu::test_b"), line
     assert "could not import" in line
 
 

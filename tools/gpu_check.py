@@ -112,7 +112,8 @@ def junit_problems(summary: Optional[dict]) -> list[str]:
     for key in ("failures", "errors", "skipped"):
         if summary[key]:
             first = next(c for c in summary["cases"] if c["outcome"] == _outcome_key(key))
-            problems.append(f"{summary[key]} test(s) {key}: first {first['name']}: {first['message']}")
+            verb = {"failures": "failed", "errors": "errored", "skipped": "skipped"}[key]
+            problems.append(f"{summary[key]} kernel test(s) {verb}: first {first['name']}: {first['message'][:160]}")
     return problems
 
 
