@@ -116,8 +116,11 @@ def test_a_positive_in_every_position_of_a_tile():
 
 def test_all_tokens_k_matches_reference():
     # The "all tokens" variant mixes K + patches tokens: 32 + 256 = 288 for a 224 px ViT-*/14
-    # with K = 32, beyond one token block (the fp32 interpreter plan: 5 blocks of 64).
-    check_against_reference((2, 16, 288, 32, 2, 1), torch.float32, seed=13)
+    # with K = 32, beyond one token block (the fp32 interpreter plan: 5 blocks of 64). On a GPU
+    # in fp16 (3 blocks of 128): compiled, the fp32 kernels at this K spill tens of KB per
+    # thread and take minutes to compile (benchmarks/RESULTS.md), which the tensor-core path does not.
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    check_against_reference((2, 16, 288, 32, 2, 1), dtype, seed=13)
 
 
 def test_chunked_launches_match_one_launch(monkeypatch):

@@ -6,7 +6,7 @@
     python tools/gpu_check.py verdict OUT_DIR --step tests:0:95:170 --step profile:0:140:200
 
 Every failure is one line starting with ``FAIL:`` and a non-zero exit. ``verdict`` reads the
-pytest junit XML (OUT_DIR/tests.xml) and the profile (OUT_DIR/profile.json), writes every figure
+pytest junit XML files (OUT_DIR/tests*.xml) and the profile (OUT_DIR/profile.json), writes every figure
 into OUT_DIR/results.md and passes only if every step finished within its limit with exit code 0,
 at least one kernel test ran, no test failed, errored or was skipped, and every profile row was
 measured (the triton rows with bitwise repeatable gradients).
@@ -16,6 +16,7 @@ Needs only the standard library, torch and the package (no deepspeed, webdataset
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib
 import json
 import os
@@ -77,10 +78,12 @@ def preflight(need_cuda: bool = True) -> int:
 
 
 # -- verdict ------------------------------------------------------------------------------------
-def junit_summary(path: str) -> dict:
-    """Counts and per-test outcomes of a pytest junit XML file."""
-    root = ET.parse(path).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+def junit_summary(*paths: str) -> dict:
+    """Counts and per-test outcomes of pytest junit XML files, together."""
+    suites = []
+    for path in paths:
+        root = ET.parse(path).getroot()
+        suites += [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     out = dict(tests=0, failures=0, errors=0, skipped=0, cases=[])
     for suite in suites:
         for case in suite.iter("testcase"):
@@ -164,8 +167,8 @@ def _profile_markdown(doc: dict) -> str:
 
 
 def verdict(out_dir: str, steps: list[dict], expected_rows: int = 0, header: str = "") -> int:
-    junit = os.path.join(out_dir, "tests.xml")
-    summary = junit_summary(junit) if os.path.exists(junit) else None
+    junits = sorted(glob.glob(os.path.join(out_dir, "tests*.xml")))
+    summary = junit_summary(*junits) if junits else None
     profile = _load_json(os.path.join(out_dir, "profile.json"))
     late, failed = step_problems(steps)
     # The most telling reason first: a step cut off, then what the tests and the profile say.

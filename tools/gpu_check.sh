@@ -18,7 +18,8 @@
 # Budget: GPU_CHECK_BUDGET seconds in all (default 330, under 6 minutes with compiles), and each
 # step's limit is taken from what is left, so a slow step cannot take the others' time.
 # OUT_DIR gets results.md (everything measured, and the verdict), gpu_check.log (this script's
-# log and the profile's output), tests.txt (pytest's output), tests.xml and profile.json.
+# log and the profile's output), tests.txt (pytest's output), tests_gpu.xml and tests_pairs.xml
+# (junit) and profile.json.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -28,7 +29,7 @@ LOG="$OUT/gpu_check.log"
 BUDGET=${GPU_CHECK_BUDGET:-330}
 PYTHON=${PYTHON:-python3}
 : > "$LOG"
-rm -f "$OUT/results.md" "$OUT/tests.txt" "$OUT/tests.xml" "$OUT/profile.json"
+rm -f "$OUT/results.md" "$OUT"/tests*.txt "$OUT"/tests*.xml "$OUT/profile.json"
 
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT:$ROOT/tools/source_tree${PYTHONPATH:+:$PYTHONPATH}"
@@ -69,15 +70,31 @@ say "$PRE"
 # Per-test limit only where pytest-timeout is installed (a hung test then fails alone).
 TIMEOUT_OPT=()
 if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then TIMEOUT_OPT=(--timeout=150); fi
+# The two test files run at the same time, each in its own pytest: most of their time is
+# compiling kernels (one CPU core each), and neither measures time.
 TESTS_LIMIT=$(limit 190 140)
 TESTS_START=$SECONDS
-say "kernel tests on the GPU: tests/test_kernel_gpu.py tests/test_kernel_pairs.py ${TIMEOUT_OPT[*]}"
-timeout -k 10 "$TESTS_LIMIT" "$PYTHON" -u -m pytest -q -rfEs -p no:cacheprovider --durations=15 "${TIMEOUT_OPT[@]}" \
-    tests/test_kernel_gpu.py tests/test_kernel_pairs.py --junitxml "$OUT/tests.xml" > "$OUT/tests.txt" 2>&1
-TESTS_RC=$?
-STEPS+=("tests:$TESTS_RC:$((SECONDS - TESTS_START)):$TESTS_LIMIT")
-say "tests: exit code $TESTS_RC; tail of $OUT/tests.txt:"
-tail -n 8 "$OUT/tests.txt" | tee -a "$LOG"
+run_tests() {  # run_tests NAME FILE
+    timeout -k 10 "$TESTS_LIMIT" "$PYTHON" -u -m pytest -q -rfEs -p no:cacheprovider --durations=10 \
+        "${TIMEOUT_OPT[@]}" "$2" --junitxml "$OUT/tests_$1.xml" > "$OUT/tests_$1.txt" 2>&1
+}
+say "kernel tests on the GPU (limit ${TESTS_LIMIT} s): tests/test_kernel_gpu.py and tests/test_kernel_pairs.py ${TIMEOUT_OPT[*]}"
+run_tests gpu tests/test_kernel_gpu.py &
+GPU_PID=$!
+run_tests pairs tests/test_kernel_pairs.py &
+PAIRS_PID=$!
+wait "$GPU_PID"
+GPU_RC=$?
+STEPS+=("tests_gpu:$GPU_RC:$((SECONDS - TESTS_START)):$TESTS_LIMIT")
+wait "$PAIRS_PID"
+PAIRS_RC=$?
+STEPS+=("tests_pairs:$PAIRS_RC:$((SECONDS - TESTS_START)):$TESTS_LIMIT")
+for part in gpu pairs; do
+    { echo "== tests/test_kernel_$part.py"; cat "$OUT/tests_$part.txt"; } >> "$OUT/tests.txt"
+    rm -f "$OUT/tests_$part.txt"
+done
+say "tests: exit codes $GPU_RC (test_kernel_gpu.py), $PAIRS_RC (test_kernel_pairs.py); summaries:"
+grep -E "^(=+ )?[0-9]+ (passed|failed|error)|no tests ran" "$OUT/tests.txt" | tee -a "$LOG"
 
 # The profile: 8 rows (2 shapes x 2 backends x 2 passes), each in its own process with its own
 # limit; rows are written as they finish, so a step stopped at its limit keeps what it measured.
