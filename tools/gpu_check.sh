@@ -21,7 +21,7 @@
 # log and the profile's output), tests.txt (pytest's output), tests_gpu.xml and tests_pairs.xml
 # (junit) and profile.json.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 ROOT=$(pwd)
 OUT="${1:-gpu_results}"
 mkdir -p "$OUT"
@@ -105,8 +105,10 @@ step profile "$PROFILE_LIMIT" "$PYTHON" -u tools/profile_pooler.py --device cuda
 
 HEADER="- $PRE
 - commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%Y-%m-%dT%H:%M:%SZ); script wall time ${SECONDS} s of a ${BUDGET} s budget"
+STEP_ARGS=()
+for s in "${STEPS[@]}"; do STEP_ARGS+=(--step "$s"); done
 VERDICT=$(timeout -k 5 60 "$PYTHON" -u tools/gpu_check.py verdict "$OUT" --expected-rows 8 --header "$HEADER" \
-    $(printf -- '--step %s ' "${STEPS[@]}") 2>>"$LOG")
+    "${STEP_ARGS[@]}" 2>>"$LOG")
 RC=$?
 [ -n "$VERDICT" ] || VERDICT="FAIL: the verdict step exited with $RC without a verdict (see $LOG)"
 [ "$RC" -eq 0 ] || RC=1

@@ -19,7 +19,7 @@
 #      (it must fail with one line), and tests/test_gpu_check.py (skips => failure, verdicts).
 # What it cannot check: anything that runs on a GPU (correctness there, timings, memory).
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 ROOT=$(pwd)
 OUT="${1:-gpu_dry_run}"
 VENV=${DRY_VENV:-.venv-triton36}
