@@ -76,7 +76,7 @@ TESTS_LIMIT=$(limit 190 140)
 TESTS_START=$SECONDS
 run_tests() {  # run_tests NAME FILE
     timeout -k 10 "$TESTS_LIMIT" "$PYTHON" -u -m pytest -q -rfEs -p no:cacheprovider --durations=10 \
-        "${TIMEOUT_OPT[@]}" "$2" --junitxml "$OUT/tests_$1.xml" > "$OUT/tests_$1.txt" 2>&1
+        ${TIMEOUT_OPT[@]+"${TIMEOUT_OPT[@]}"} "$2" --junitxml "$OUT/tests_$1.xml" > "$OUT/tests_$1.txt" 2>&1
 }
 say "kernel tests on the GPU (limit ${TESTS_LIMIT} s): tests/test_kernel_gpu.py and tests/test_kernel_pairs.py ${TIMEOUT_OPT[*]}"
 run_tests gpu tests/test_kernel_gpu.py &
@@ -99,7 +99,7 @@ grep -E "^(=+ )?[0-9]+ (passed|failed|error)|no tests ran" "$OUT/tests.txt" | te
 # The profile: 8 rows (2 shapes x 2 backends x 2 passes), each in its own process with its own
 # limit; rows are written as they finish, so a step stopped at its limit keeps what it measured.
 PROFILE_LIMIT=$(limit 400 15)
-CASE_LIMIT=$(( PROFILE_LIMIT / 4 ))
+CASE_LIMIT=$(( PROFILE_LIMIT / 3 ))
 step profile "$PROFILE_LIMIT" "$PYTHON" -u tools/profile_pooler.py --device cuda --backends triton chunked \
     --zoo g14:256x32768 b16:256x4096 --passes both --timeout "$CASE_LIMIT" --no-peak-after --json "$OUT/profile.json"
 
