@@ -44,6 +44,13 @@ GROUP = 8  # images per band of the program order (L2 reuse of G and the text bl
 # Largest token block: a G block of KC x KC stays a small dot operand (fp32 takes twice the room).
 MAX_KC_HALF = 128
 MAX_KC_FP32 = 64
+# fp32 dots with input_precision="ieee" run on the FMA units, whose operand layout gives each
+# thread whole KC-long columns of the KC x KC Gram blocks: fp32 takes the smallest token block
+# (from 16) that keeps the forward's unrolled Gram pass at most this many blocks (NB^2 / 2 block
+# products, so compile time). KC = 16 keeps the spills of the zoo's B and L/14 heads under 100
+# bytes; H/14 and G/14 (NB = 32 at KC = 16) take KC = 32 and spill kilobytes in the forward
+# (benchmarks/RESULTS.md): fp32 is the tests' dtype, the zoo trains in bf16.
+MAX_NB_FP32 = 16
 
 
 def interpreting() -> bool:
@@ -100,6 +107,9 @@ def _head_dim_step(d: int) -> int:
 def make_plan(num_tokens: int, embed_dim: int, num_heads: int, dtype: torch.dtype) -> KernelPlan:
     max_kc = MAX_KC_FP32 if dtype == torch.float32 else MAX_KC_HALF
     kc = min(max(16, triton.next_power_of_2(num_tokens)), max_kc)
+    if dtype == torch.float32:
+        kc = min(kc, next((c for c in (16, 32, 64, 128) if num_heads * math.ceil(num_tokens / c) <= MAX_NB_FP32),
+                          max_kc))
     d = embed_dim // num_heads
     prec = "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
     return KernelPlan(num_heads, d, num_tokens, kc, math.ceil(num_tokens / kc), _head_dim_step(d), prec)
@@ -225,21 +235,34 @@ class LaunchConfig:
 KERNELS = ("fwd", "bwd_image", "bwd_text")
 
 
-def launch_configs(plan: KernelPlan, elt: int, arch: int = 90, interpret: Optional[bool] = None
+DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def launch_configs(plan: KernelPlan, dtype, arch: int = 90, interpret: Optional[bool] = None
                    ) -> dict[str, LaunchConfig]:
-    """The one config each kernel runs with for this head shape, element size (bytes) and GPU
-    architecture (compute capability x 10: 90 for H100/H200, 80 for A100).
+    """The one config each kernel runs with for this head shape, input dtype (a torch dtype or
+    its name: float32, float16, bfloat16) and GPU architecture (compute capability x 10: 90 for
+    H100/H200, 80 for A100).
 
     Fixed rather than autotuned, so a shape compiles each kernel once and every run launches the
     same programs. Chosen from tools/kernel_resources.py (registers, spills, shared memory for
-    sm_90 and sm_80): ``python tools/kernel_resources.py --chosen`` compiles exactly these.
-    The forward holds a BT x HK' tile of weights, so its text block shrinks as H x K grows; the
-    backward kernels hold one head's weights and fp32 accumulators of one head ([K, d] or [BT, d]).
+    sm_90 and sm_80): ``python tools/kernel_resources.py --chosen`` compiles exactly these, for
+    every dtype. The forward holds a BT x HK' tile of weights, so its text block shrinks as H x K
+    grows; the backward kernels hold one head's weights and fp32 accumulators of one head
+    ([K, d] or [BT, d]).
     """
     if interpreting() if interpret is None else interpret:  # every program costs milliseconds
         return {name: LaunchConfig(pk.MIN_BT, 4, 1) for name in KERNELS}
+    name = DTYPES.get(dtype, dtype)
+    if name not in DTYPES.values():
+        raise TypeError(f"no launch configs for dtype {dtype}")
+    if name == "float32":
+        # ieee fp32 dots run on the FMA units (no tensor cores), whose layouts hold far more per
+        # thread than an MMA tile: the smallest text block, on every architecture.
+        return dict(fwd=LaunchConfig(16, 8, 1), bwd_image=LaunchConfig(16, 8, 1), bwd_text=LaunchConfig(16, 8, 1))
+    # float16 and bfloat16: the same tensor-core tiles (2-byte operands, fp32 accumulators).
     if arch >= 90:  # Hopper: warpgroup MMA takes 64-row tiles
-        fwd_bt = 64 if 64 * plan.nbk * elt <= REGISTER_BYTES else 16
+        fwd_bt = 64 if 64 * plan.nbk * 2 <= REGISTER_BYTES else 16
         return dict(fwd=LaunchConfig(fwd_bt, 8, 1), bwd_image=LaunchConfig(64, 8, 1),
                     bwd_text=LaunchConfig(64, 8, 1))
     # Ampere's mma.sync layouts hold more per thread at the same tile: smaller text blocks.
@@ -311,7 +334,7 @@ def _forward(keys, values, w_o, queries, targets, logit_scale, logit_bias, num_h
     f32 = dict(device=keys.device, dtype=torch.float32)
     out = torch.empty(bi, bt, **f32) if mode == pk.MODE_SCORES else torch.zeros(bi, stride, **f32)
     stats = torch.empty(2, bi, bt, **f32) if mode == pk.MODE_LOSS_STATS else None
-    cfg = launch_configs(plan, keys.element_size(), _arch(keys.device))["fwd"]
+    cfg = launch_configs(plan, keys.dtype, _arch(keys.device))["fwd"]
     for i0 in range(0, bi, chunks.images):
         i1 = min(bi, i0 + chunks.images)
         g = _gram(_fold(x["values"][i0:i1], w_o, plan), plan, keys.dtype)
@@ -360,7 +383,7 @@ def _backward(keys, values, w_o, queries, targets, logit_scale, logit_bias, stat
     plan, chunks, x = _common(keys, values, w_o, queries, targets, logit_scale, logit_bias, num_heads)
     f32 = dict(device=keys.device, dtype=torch.float32)
     grad_scale = (grad.detach().float() / normalizer).reshape(1)
-    cfg = launch_configs(plan, keys.element_size(), _arch(keys.device))
+    cfg = launch_configs(plan, keys.dtype, _arch(keys.device))
     d_keys, d_values = torch.zeros_like(keys), torch.zeros_like(values)
     d_queries, d_targets = torch.empty_like(queries), torch.empty_like(targets)
     d_w = torch.zeros(e, e, **f32)

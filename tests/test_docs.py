@@ -214,7 +214,10 @@ COVERED: dict[str, tuple[str, str]] = {
     "python tools/kernel_resources.py --chosen": (
         "tests/test_kernel_compile.py::test_chosen_kernels_compile_for_sm90_and_sm80_without_spills",
         "compiles every kernel the backend launches for the zoo, for sm_90 and sm_80; the test, for tiny"),
-    "tools/gpu_check.sh gpu_results": ("tests/test_kernel_gpu.py", "a GPU; runs the gpu tests and the profile"),
+    "tools/gpu_check.sh gpu_results": ("tests/test_gpu_check.py::test_gpu_check_without_cuda_fails_with_one_line",
+                                       "a GPU; runs the gpu tests and the profile (the test: its one line without one)"),
+    "tools/gpu_dry_run.sh": ("tests/test_gpu_check.py::test_a_skipped_kernel_test_is_a_failure",
+                             "builds a virtualenv with another Triton and compiles every kernel the GPU tests launch"),
     "llip-launch configs/experiments/llip_g14.yaml run_dir=/checkpoint/me/llip_g14 launcher.kind=slurm "
     "launcher.nodes=32 launcher.gpus_per_node=8 launcher.partition=learn launcher.time=72:00:00 "
     "launcher.signal_delay_s=300": ("tests/test_launch_config.py::test_dry_run_sbatch_has_the_requested_resources",

@@ -20,16 +20,19 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
                     reason="needs the ptxas bundled with triton's CUDA backend")
 def test_chosen_kernels_compile_for_sm90_and_sm80_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
-    # The configs the backend launches for the tiny model's head (K=8, E=128, H=4), through the
-    # same path as the zoo's table in benchmarks/RESULTS.md.
+    # The configs the backend launches for the tiny model's head (K=8, E=128, H=4) in every dtype,
+    # with every pointer 16-byte aligned and with the per-pair buffers not, through the same path
+    # as the zoo's table in benchmarks/RESULTS.md.
     cmd = [sys.executable, os.path.join(ROOT, "tools", "kernel_resources.py"), "--chosen", "--models", "tiny",
-           "--fwd-modes", "scores", "loss", "loss_stats", "--dtype", "bfloat16", "--arch", "90", "80", "--json"]
+           "--fwd-modes", "scores", "loss", "loss_stats", "--arch", "90", "80", "--jobs", "2", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_LIMIT_S)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     kernels = ["fwd/scores", "fwd/loss", "fwd/loss_stats", "bwd_image", "bwd_text"]
-    got = [(r["kernel"] + (f"/{r['mode']}" if "mode" in r else ""), r["arch"]) for r in rows]
-    assert got == [(k, a) for a in (90, 80) for k in kernels]
+    got = sorted((r["kernel"] + (f"/{r['mode']}" if "mode" in r else ""), r["arch"], r["dtype"], r["aligned"])
+                 for r in rows)
+    assert got == sorted((k, a, d, al) for a in (90, 80) for k in kernels for d in ("bfloat16", "float16", "float32")
+                         for al in (True, False))
     for r in rows:
         assert "error" not in r, r
         assert r["model"] == "tiny", r

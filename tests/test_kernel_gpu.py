@@ -4,6 +4,9 @@ Skipped without CUDA (the interpreter tests in test_kernel_pairs.py cover fp32 a
 """
 from __future__ import annotations
 
+import importlib
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +16,12 @@ from llip_scale.pairs import pair_loss, resolve_backend
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-kp = pytest.importorskip("llip_scale.kernels.pairs", reason="needs triton")
+# With a GPU (or LLIP_REQUIRE_GPU_KERNELS=1) the kernels must import: an ImportError fails the
+# module instead of skipping it, so a broken install cannot pass as "all skipped".
+if torch.cuda.is_available() or os.environ.get("LLIP_REQUIRE_GPU_KERNELS", "0") not in ("", "0"):
+    kp = importlib.import_module("llip_scale.kernels.pairs")
+else:
+    kp = pytest.importorskip("llip_scale.kernels.pairs", reason="needs triton")
 NAMES = ["keys", "values", "w_o", "queries", "targets", "logit_scale", "logit_bias"]
 
 

@@ -6,6 +6,7 @@ Inputs are fresh random draws each run; a failure names its seed (rerun with LLI
 """
 from __future__ import annotations
 
+import importlib
 import os
 import random
 
@@ -15,7 +16,12 @@ import torch
 from llip_scale.model import build_model, model_config
 from llip_scale.pairs import available_backends, pair_loss, pair_scores
 
-kp = pytest.importorskip("llip_scale.kernels.pairs", reason="needs triton")
+# With a GPU (or LLIP_REQUIRE_GPU_KERNELS=1) the kernels must import: an ImportError fails the
+# module instead of skipping it, so a broken install cannot pass as "all skipped".
+if torch.cuda.is_available() or os.environ.get("LLIP_REQUIRE_GPU_KERNELS", "0") not in ("", "0"):
+    kp = importlib.import_module("llip_scale.kernels.pairs")
+else:
+    kp = pytest.importorskip("llip_scale.kernels.pairs", reason="needs triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ["keys", "values", "w_o", "queries", "targets", "logit_scale", "logit_bias"]
@@ -110,8 +116,11 @@ def test_a_positive_in_every_position_of_a_tile():
 
 def test_all_tokens_k_matches_reference():
     # The "all tokens" variant mixes K + patches tokens: 32 + 256 = 288 for a 224 px ViT-*/14
-    # with K = 32, beyond one token block (the fp32 interpreter plan: 5 blocks of 64).
-    check_against_reference((2, 16, 288, 32, 2, 1), torch.float32, seed=13)
+    # with K = 32, beyond one token block (the fp32 interpreter plan: 5 blocks of 64). On a GPU
+    # in fp16 (3 blocks of 128): compiled, the fp32 kernels at this K spill tens of KB per
+    # thread and take minutes to compile (benchmarks/RESULTS.md), which the tensor-core path does not.
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    check_against_reference((2, 16, 288, 32, 2, 1), dtype, seed=13)
 
 
 def test_chunked_launches_match_one_launch(monkeypatch):
@@ -143,15 +152,36 @@ def test_gradients_are_bitwise_repeatable(monkeypatch, small_token_blocks):
             assert torch.equal(a, b), f"{dtype} grad {name} differs between two runs"
 
 
-def test_launch_configs_are_fixed_per_shape_and_arch():
-    """One config per kernel (no autotuning): what tools/kernel_resources.py --chosen compiles."""
-    for k, e, h in ((32, 512, 8), (32, 768, 8), (64, 1024, 8), (64, 1280, 8)):
-        plan = kp.make_plan(k, e, h, torch.bfloat16)
-        for arch in (80, 90):
-            configs = kp.launch_configs(plan, 2, arch, interpret=False)
-            assert set(configs) == set(kp.KERNELS)
-            assert all(c.bt in (16, 32, 64) and c.num_warps in (4, 8) for c in configs.values())
-            assert configs == kp.launch_configs(plan, 2, arch, interpret=False)
+ZOO_HEADS = ((8, 128, 4), (32, 512, 8), (32, 768, 8), (64, 1024, 8), (64, 1280, 8))  # tiny, B, L/14, H/14, G/14
+
+
+def test_launch_configs_are_fixed_per_shape_dtype_and_arch():
+    """One config per kernel (no autotuning): what tools/kernel_resources.py --chosen compiles,
+    for every dtype; fp32 (FMA dots, no tensor cores) has its own, smaller text blocks."""
+    for k, e, h in ZOO_HEADS:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            plan = kp.make_plan(k, e, h, dtype)
+            for arch in (80, 90):
+                configs = kp.launch_configs(plan, dtype, arch, interpret=False)
+                assert set(configs) == set(kp.KERNELS)
+                assert all(c.bt in (16, 32, 64) and c.num_warps in (4, 8) for c in configs.values())
+                assert configs == kp.launch_configs(plan, kp.DTYPES[dtype], arch, interpret=False)
+                if dtype == torch.float32:
+                    assert all(c.bt == 16 for c in configs.values()), configs
+            half = [kp.launch_configs(kp.make_plan(k, e, h, d), d, 90, interpret=False)
+                    for d in (torch.bfloat16, torch.float16)]
+            assert half[0] == half[1]  # the same tensor-core tiles for both 2-byte types
+    with pytest.raises(TypeError, match="no launch configs"):
+        kp.launch_configs(kp.make_plan(8, 128, 4, torch.float32), torch.float64, 90, interpret=False)
+
+
+def test_fp32_token_blocks_keep_the_forward_gram_pass_small():
+    """fp32 takes the smallest token block that keeps H x K / KC <= MAX_NB_FP32 (the forward
+    unrolls NB^2 / 2 Gram block products), so its FMA dot operands stay small."""
+    for (k, e, h), kc in zip(ZOO_HEADS + ((288, 32, 2),), (16, 16, 16, 32, 32, 64)):
+        plan = kp.make_plan(k, e, h, torch.float32)
+        assert plan.kc == kc and plan.nb <= kp.MAX_NB_FP32 or plan.kc == kp.MAX_KC_FP32, (k, e, h, plan)
+    assert kp.make_plan(64, 1280, 8, torch.bfloat16).kc == 64  # 2-byte types: unchanged
 
 
 def test_scores_match_reference_and_loss_without_grad():

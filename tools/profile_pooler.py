@@ -60,6 +60,8 @@ class Case:
     repeats: int = 3
     device: str = "cpu"
     reference_limit: float = REFERENCE_MAX_FRACTION
+    head: str = ""  # the zoo model whose head this is (a label)
+    check_repeat: Optional[bool] = None  # two more steps, gradients compared bit for bit (default: on cuda)
 
 
 def pair_flops(case: Case) -> float:
@@ -214,7 +216,22 @@ def run_case(case: Case) -> dict:
         times.sort()
         row.update(time_ms=1e3 * times[len(times) // 2], runs=len(times), threads=torch.get_num_threads())
     row["tflops"] = pair_flops(case) / (row["time_ms"] * 1e-3) / 1e12
+    if case.backward and (case.check_repeat if case.check_repeat is not None else case.device == "cuda"):
+        row["repeatable"] = repeatable(step, inputs)
     return row
+
+
+def repeatable(step, inputs) -> bool:
+    """Two more steps from zeroed gradients: the loss and every gradient equal bit for bit."""
+    import torch
+
+    runs = []
+    for _ in range(2):
+        for x in inputs:
+            x.grad = None
+        loss = step().detach().clone()
+        runs.append([loss] + [x.grad.clone() for x in inputs])
+    return all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 def matmul_peak(device: str, dtype: str) -> dict:
@@ -302,17 +319,34 @@ def _parse_head(text: str) -> dict:
     return dict(k=int(parts[0]), e=int(parts[1]), h=int(parts[2]), dtype=parts[3])
 
 
-def make_cases(device: str, quick: bool, backends: list[str], sizes=None, head=None) -> list[Case]:
+def _parse_zoo(text: list[str], dtype: str) -> list[tuple[dict, tuple[int, int]]]:
+    """MODEL:BIxBT -> (that zoo model's head in ``dtype``, (Bi, Bt))."""
+    from llip_scale.model import model_config
+
+    out = []
+    for item in text:
+        name, _, size = item.partition(":")
+        cfg = model_config(name)
+        head = dict(k=cfg.vision.num_tokens, e=cfg.head.embed_dim, h=cfg.head.num_heads, dtype=dtype, head=name)
+        out.append((head, _parse_sizes([size])[0]))
+    return out
+
+
+def make_cases(device: str, quick: bool, backends: list[str], sizes=None, head=None, zoo=None) -> list[Case]:
+    """Sizes x passes x backends at one head, or (``zoo``: [(head, (Bi, Bt))]) at several heads."""
+    repeats = 1 if quick else 3
+    if zoo:
+        return [Case(backend, bi, bt, backward=backward, repeats=repeats, device=device, **hd)
+                for hd, (bi, bt) in zoo for backward in (False, True) for backend in backends]
     sizes = sizes or (GPU_SIZES if device == "cuda" else CPU_SIZES)["quick" if quick else "full"]
     head = head or (GPU_HEAD if device == "cuda" else CPU_HEAD)
-    repeats = 1 if quick else 3
     return [Case(backend, bi, bt, backward=backward, repeats=repeats, device=device, **head)
             for bi, bt in sizes for backward in (False, True) for backend in backends]
 
 
 # -- reporting --------------------------------------------------------------------------------
 HEADER = (f"{'backend':15s} {'Bi':>5s} {'Bt':>6s} {'K':>3s} {'E':>5s} {'H':>2s} {'dtype':>8s} {'pass':>8s} "
-          f"{'time ms':>10s} {'TFLOP/s':>8s} {'peak MB':>9s}")
+          f"{'time ms':>10s} {'TFLOP/s':>8s} {'peak MB':>9s} {'repeat':>6s}")
 
 
 def _pass(r: dict) -> str:
@@ -326,7 +360,12 @@ def format_row(r: dict) -> str:
         return f"{head}  skipped: {r['skipped']}"
     if "error" in r:
         return f"{head}  error: {r['error']}"
-    return f"{head} {r['time_ms']:10.1f} {r['tflops']:8.3f} {r['peak_mb']:9.1f}"
+    return f"{head} {r['time_ms']:10.1f} {r['tflops']:8.3f} {r['peak_mb']:9.1f} {_repeat(r):>6s}"
+
+
+def _repeat(r: dict) -> str:
+    """Bitwise repeatable gradients: yes, no, or not checked."""
+    return {True: "yes", False: "NO"}.get(r.get("repeatable"), "")
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -337,19 +376,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
              + (f" before the sweep, {after['tflops']:.2f} after." if after.get("tflops") else "."),
              f"Command: `{meta['command']}`", "",
              "| backend | Bi | Bt | K | E | H | dtype | pass | time ms | pair TFLOP/s | % matmul peak | "
-             "peak MiB | extra MiB | extra / inputs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak MiB | extra MiB | extra / inputs | bitwise repeatable |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        cells = [r["backend"], r["bi"], r["bt"], r["k"], r["e"], r["h"], r["dtype"], _pass(r)]
+        cells = [r["backend"] + (f" ({r['head']})" if r.get("head") else ""), r["bi"], r["bt"], r["k"], r["e"], r["h"], r["dtype"], _pass(r)]
         if r.get("skipped") or "error" in r:
             note = f"skipped: {r['skipped']}" if r.get("skipped") else f"error: {r['error']}"
-            cells += [note, "", "", "", "", ""]
+            cells += [note, "", "", "", "", "", ""]
         else:
             frac = 100 * r["tflops"] / peak["tflops"] if peak.get("tflops") else float("nan")
             extra = r.get("extra_mb")
             cells += [f"{r['time_ms']:.1f}", f"{r['tflops']:.3f}", f"{frac:.1f}", f"{r['peak_mb']:.0f}",
                       "" if extra is None else f"{extra:.0f}",
-                      "" if extra is None else f"{extra / r['inputs_mb']:.2f}"]
+                      "" if extra is None else f"{extra / r['inputs_mb']:.2f}", _repeat(r)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -392,7 +431,10 @@ def write_outputs(rows: list[dict], meta: dict, out_dir: Optional[str], json_pat
         paths.append(os.path.join(out_dir, "profile.json"))
         with open(os.path.join(out_dir, "profile.md"), "w") as f:
             f.write(markdown(rows, meta))
-        plot(rows, meta, os.path.join(out_dir, "profile.png"))
+        try:
+            plot(rows, meta, os.path.join(out_dir, "profile.png"))
+        except ImportError:  # matplotlib is optional: the table and the JSON hold every figure
+            pass
     for path in paths:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
@@ -448,6 +490,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--json", default=None, help="write the rows as JSON to this path")
     p.add_argument("--sizes", nargs="+", default=None, help="BIxBT pairs, e.g. 256x32768 (default: per device)")
     p.add_argument("--head", default=None, help="K,E,H,dtype (default: G/14's head on cuda, B/16's on cpu)")
+    p.add_argument("--zoo", nargs="+", default=None, metavar="MODEL:BIxBT",
+                   help="cases at the zoo models' heads, e.g. g14:256x32768 b16:256x4096 (in --dtype)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the --zoo cases (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--repeat-check", action="store_true",
+                   help="also on the CPU: two more forward+backward steps, gradients compared bit for bit")
+    p.add_argument("--no-peak-after", action="store_true", help="skip the second matmul measurement (saves time)")
     p.add_argument("--passes", choices=["both", "fwd", "fwd+bwd"], default="both")
     p.add_argument("--timeout", type=float, default=600, help="seconds per measurement")
     p.add_argument("--reference-limit", type=float, default=REFERENCE_MAX_FRACTION,
@@ -472,12 +521,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     device = args.device or default_device()
     backends = args.backends or (["reference", "chunked"] if device == "cpu" and args.quick else ALL_BACKENDS)
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     cases = make_cases(device, args.quick, backends, args.sizes and _parse_sizes(args.sizes),
-                       args.head and _parse_head(args.head))
+                       args.head and _parse_head(args.head), args.zoo and _parse_zoo(args.zoo, dtype))
     if args.passes != "both":
         cases = [c for c in cases if c.backward == (args.passes == "fwd+bwd")]
     for c in cases:
         c.reference_limit = args.reference_limit
+        if args.repeat_check:
+            c.check_repeat = True
     peak = _child(["--child-peak", device, cases[0].dtype], args.timeout)
     meta = dict(command=" ".join(["python", "tools/profile_pooler.py", *sys.argv[1:]]), device=device,
                 matmul_peak=None if "error" in peak else peak)
@@ -492,9 +544,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = sweep(cases, peak.get("total_bytes") or (_host_memory() if device == "cpu" else None), on_row, together,
                  args.timeout)
     # Measured again after the sweep: on a shared machine the two bracket the load it ran under.
-    after = _child(["--child-peak", device, cases[0].dtype], args.timeout)
-    meta["matmul_peak_after"] = None if "error" in after else after
-    print(f"dense matmul after the sweep: {after.get('tflops', float('nan')):.2f} TFLOP/s")
+    if not args.no_peak_after:
+        after = _child(["--child-peak", device, cases[0].dtype], args.timeout)
+        meta["matmul_peak_after"] = None if "error" in after else after
+        print(f"dense matmul after the sweep: {after.get('tflops', float('nan')):.2f} TFLOP/s")
     write_outputs(rows, meta, args.out, args.json)
     return 0
 
