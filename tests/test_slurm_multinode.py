@@ -316,8 +316,10 @@ def test_losing_a_node_requeues_the_job_on_the_node_left_and_resumes(two_nodes, 
     rank, resumes the step-4 checkpoint on that world size and trains to the end on the same data
     as the uninterrupted 2-node run, with the same global batch."""
     holds = Holds(tmp_path / "holds", ("after-checkpoint", 0))
+    # A short distributed.timeout_minutes: rank 0, whose peer vanished without closing its
+    # connection, gives up after a minute, so the attempt ends well before Slurm's KillWait.
     launch = NodesLaunch(demo_data, tmp_path / "node_lost", env=holds.env(),
-                         extra=[*TWO_NODES, *KEYS, *evaluation(demo_data)])
+                         extra=[*TWO_NODES, *KEYS, *evaluation(demo_data), "distributed.timeout_minutes=1"])
     try:
         holds.wait_held(launch, "after-checkpoint", 0)  # both ranks, the step-4 checkpoint complete
         assert newest_complete(launch.run_dir) == 4
