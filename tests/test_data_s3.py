@@ -274,3 +274,30 @@ def test_training_from_s3_through_faults_matches_the_local_copy(s3, tmp_path):
     assert losses["s3"] == losses["local"]
     assert retries["local"] == {}
     assert retries["s3"].get("data/retries/cut", 0) >= 1, retries["s3"]
+
+
+def test_prefetch_holds_at_most_its_byte_bound(s3):
+    """The background read of a 1 MiB object with data.prefetch_bytes=64 KiB never holds more
+    than the bound plus one read, and the consumer gets the object's bytes unchanged."""
+    limit = 64 << 10
+    body = os.urandom(1 << 20)
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="big/object.tar", Body=body)
+    prefetcher = objects.Prefetcher(objects.ObjectOptions(backoff=0.01, prefetch_bytes=limit), objects.RetryCounts())
+    try:
+        reader = prefetcher.open(0, f"s3://{BUCKET}/big/object.tar", 0, [])
+        started = time.monotonic()
+        while prefetcher.held < limit:  # read ahead before anything is consumed
+            assert time.monotonic() - started < 600, f"no read-ahead: {prefetcher.held} bytes held"
+            time.sleep(0.01)
+        got, most = [], 0
+        while True:
+            most = max(most, prefetcher.held)
+            piece = reader.read1(4096)  # small reads: the reader keeps up with the consumer
+            if not piece:
+                break
+            got.append(piece)
+        reader.close()
+    finally:
+        prefetcher.close()
+    assert b"".join(got) == body
+    assert limit <= most <= 2 * limit, most
