@@ -7,6 +7,7 @@ Every error is a :class:`ConfigError` with one line naming the key and the fix.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 from dataclasses import dataclass, field
@@ -208,6 +209,8 @@ def validate(cfg: Config) -> Config:
           f"model.text.context_length={cfg.model.text.context_length} differs from "
           f"data.context_length={cfg.data.context_length}; set both to the same value")
     stream_count(cfg.data.streams, cfg.batch_size, 1)  # batch_size a multiple of data.streams
+    if cfg.model.head.bias_init == "batch":  # the saved config shows the value the run starts from
+        cfg.model.head.init_logit_bias = -math.log(cfg.batch_size)
     return cfg
 
 

@@ -52,6 +52,7 @@ def test_named_sizes_load():
     (["data.tokenizer=/nonexistent/tok.model"], "data.tokenizer: file '/nonexistent/tok.model' does not exist"),
     (["loss.backend=fast"], "loss.backend: 'fast' is not one of"),
     (["model.head.tau=0"], "model.head.tau must be > 0"),
+    (["model.head.bias_init=auto"], "model.head.bias_init must be 'fixed'"),
     (["steps"], "must look like key.path=value"),
 ])
 def test_validation_errors_name_the_problem(overrides, message):
@@ -59,6 +60,22 @@ def test_validation_errors_name_the_problem(overrides, message):
         load_config(None, overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["llip", "siglip"])
+def test_batch_bias_init_starts_at_the_log_odds_of_one_positive(kind, tmp_path):
+    import math
+
+    from llip_scale.model import build_model
+
+    cfg = load_config("models/tiny.yaml", [f"model.head.kind={kind}", "batch_size=64", "model.head.bias_init=batch"])
+    assert cfg.model.head.init_logit_bias == pytest.approx(-math.log(64))
+    assert build_model(cfg.model).head.logit_bias.item() == pytest.approx(-math.log(64), abs=1e-6)
+    save_config(cfg, tmp_path / "saved.yaml")  # reloads to the same value, whatever batch it names
+    again = load_config(tmp_path / "saved.yaml")
+    assert again.model.head.init_logit_bias == cfg.model.head.init_logit_bias
+    fixed = load_config("models/tiny.yaml", [f"model.head.kind={kind}", "batch_size=64"])
+    assert fixed.model.head.init_logit_bias == -10.0
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

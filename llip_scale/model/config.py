@@ -86,6 +86,11 @@ class HeadConfig:
     use_norm: bool = False  # LayerNorm over E on keys, values and queries
     init_logit_scale: Optional[float] = None  # default: ln(1/0.07) (clip, llip), ln(10) (siglip family)
     init_logit_bias: float = -10.0
+    # "fixed": init_logit_bias as given (the release's -10, chosen for 32k batches); "batch":
+    # -ln(batch_size), the log-odds of one positive among the batch, so that small batches do not
+    # start on the loss plateau of a bias meant for large ones (resolved into init_logit_bias when
+    # the run's config is validated).
+    bias_init: str = "fixed"
     max_logit_scale: float = math.log(100.0)
     pool_proj: PoolProjection = "shared"  # the pooled baselines' image projection
 
@@ -96,6 +101,9 @@ class HeadConfig:
         check(self.num_heads >= 1 and self.embed_dim % self.num_heads == 0,
                f"{name}.embed_dim={self.embed_dim} is not divisible by {name}.num_heads={self.num_heads}")
         check(self.tau > 0, f"{name}.tau must be > 0, got {self.tau}")
+        check(self.bias_init in ("fixed", "batch"),
+              f"{name}.bias_init must be 'fixed' (init_logit_bias as given) or 'batch' (-ln batch_size), "
+              f"got '{self.bias_init}'")
 
     def logit_scale_init(self) -> float:
         if self.init_logit_scale is not None:
