@@ -14,7 +14,6 @@ each with ``data.prefetch_bytes`` on (64 MiB) and off (0). Reports samples/s and
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -32,7 +31,9 @@ sys.path.insert(0, str(ROOT / "tests"))  # the fault proxy of the tests
 sys.path.insert(0, str(ROOT / "tools"))
 
 import boto3  # noqa: E402
+from bench_loader import BATCH as LOADER_BATCH  # noqa: E402
 from bench_loader import make_set  # noqa: E402
+from bench_loader import measure as loader_rate  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
 
 from llip_scale.data import (  # noqa: E402
@@ -44,7 +45,7 @@ from llip_scale.data import (  # noqa: E402
 from llip_scale.data.shards import expand_braces  # noqa: E402
 from llip_scale.data.tokenizer import train_tokenizer  # noqa: E402
 
-BATCH, BUCKET = 64, "bench"
+BATCH, BUCKET = LOADER_BATCH, "bench"
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
@@ -68,18 +69,9 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 def measure(spec: str, tok: Tokenizer, args: argparse.Namespace, prefetch_bytes: int) -> float:
     cfg = DataConfig(shards=spec, context_length=tok.context_length, workers=args.workers,
                      streams=args.streams, prefetch_bytes=prefetch_bytes)
-    batches, warmup = args.batches, args.warmup
     loader = build_train_loader(cfg, batch_size=BATCH, rank=0, world_size=1, image_size=64,
                                 tokenizer=tok, seed=0)
-    it = iter(loader)
-    for _ in itertools.islice(it, warmup):
-        pass
-    start = time.perf_counter()
-    for _ in itertools.islice(it, batches):
-        pass
-    rate = batches * BATCH / (time.perf_counter() - start)
-    del it
-    return rate
+    return loader_rate(loader, args.batches, args.warmup)
 
 
 def main() -> None:
