@@ -12,7 +12,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 
 from llip_scale.checkpoints import ds_compat
 from llip_scale.config import load_config
-from llip_scale.dist.collectives import init_distributed, shutdown
+from llip_scale.dist.collectives import exit_without_teardown, init_distributed, shutdown
 from llip_scale.train.engine import initialize
 
 
@@ -56,3 +56,4 @@ def main(config: str, stage: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    exit_without_teardown(0)  # saved and shut down: no teardown that could abort the rank

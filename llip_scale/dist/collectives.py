@@ -19,12 +19,14 @@ error (a closed connection names the peer's address; a hung peer runs into
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -99,6 +101,17 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0) -> Di
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """End a rank whose work is done and saved: Python's exit hooks run (they end open loaders'
+    workers), the interpreter's teardown does not. There a native thread of the communication
+    stack left joinable can abort a finished rank ("terminate called without an active
+    exception") and turn a complete run into a failed one."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def barrier() -> None:
