@@ -11,11 +11,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 import torch
+from _train_helpers import wait_for
 from faultproxy import FaultProxy
 from shardgen import make_tokenizer, write_good_shards
 
@@ -36,6 +36,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 with the test shards, and the fault proxy in front of it."""
@@ -46,15 +54,8 @@ def server(tmp_path_factory):
                                 stdout=out, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:  # poll until it answers
-            try:
-                urllib.request.urlopen(endpoint + "/moto-api/", timeout=2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start: {log.read_text()[-2000:]}")
-                time.sleep(0.1)
+        wait_for(lambda: _answers(endpoint + "/moto-api/"), "the moto server to answer",
+                 lambda: proc.poll() is not None, poll_s=0.1)
         root = tmp_path_factory.mktemp("s3shards")
         write_good_shards(root / "train", shards=SHARDS, per_shard=PER_SHARD)
         write_good_shards(root / "local", shards=2, per_shard=7, start=1000)
@@ -285,10 +286,7 @@ def test_prefetch_holds_at_most_its_byte_bound(s3):
     prefetcher = objects.Prefetcher(objects.ObjectOptions(backoff=0.01, prefetch_bytes=limit), objects.RetryCounts())
     try:
         reader = prefetcher.open(0, f"s3://{BUCKET}/big/object.tar", 0, [])
-        started = time.monotonic()
-        while prefetcher.held < limit:  # read ahead before anything is consumed
-            assert time.monotonic() - started < 600, f"no read-ahead: {prefetcher.held} bytes held"
-            time.sleep(0.01)
+        wait_for(lambda: prefetcher.held >= limit, "the read-ahead", poll_s=0.01)  # before anything is consumed
         got, most = [], 0
         while True:
             most = max(most, prefetcher.held)

@@ -6,9 +6,9 @@ import gzip
 import io
 import itertools
 import tarfile
-import time
 
 import pytest
+from _train_helpers import wait_for
 from shardgen import good_members, make_tokenizer, write_good_shards
 
 from llip_scale.config import ConfigError, load_config
@@ -149,10 +149,7 @@ def test_a_pipe_closed_early_leaves_no_broken_pipe_noise(tmp_path, capfd):
     with open_shard(f"pipe:{command}") as f:
         keys = [s["__key__"] for s in iter_samples(f)]
     assert len(keys) == 3
-    deadline = time.monotonic() + 20
-    while not done.exists() and time.monotonic() < deadline:  # let it say what it has to say
-        time.sleep(0.05)
-    assert done.exists()
+    wait_for(done.exists, "the writer to end")  # let it say what it has to say
     err = capfd.readouterr().err
     assert "Broken pipe" not in err and "BrokenPipe" not in err
 
