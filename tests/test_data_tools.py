@@ -6,6 +6,7 @@ import csv
 import hashlib
 import itertools
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,64 @@ def test_demo_data_is_deterministic_and_feeds_the_tiny_model(tmp_path):
     assert sorted(set(zs.labels)) == list(range(64))
     assert len(rt.images) == 6 and all(len(c) == 5 for c in rt.captions)
     assert EvalImages(zs.images, 64)[0].shape == (3, 64, 64)
+
+
+TESTBED = ("--train", "64", "--per-shard", "32", "--eval-zeroshot", "64", "--eval-retrieval", "6", "--objects", "3",
+           "4", "--relations", "2", "--no-scene-caption", "--heldout", "32", "--compositional", "40")
+SCENE_CAPTION = re.compile(r"^(one|two|three|four) shapes?:")
+
+
+def _samples(folder: Path) -> list[dict]:
+    return list(wds.WebDataset(sorted(str(p) for p in folder.glob("*.tar")), shardshuffle=False).decode())
+
+
+def test_testbed_options_are_deterministic_and_shape_the_captions(tmp_path):
+    _run("make_demo_data.py", tmp_path / "d1", *TESTBED)
+    _run("make_demo_data.py", tmp_path / "d2", *TESTBED)
+    assert _digest(tmp_path / "d1") == _digest(tmp_path / "d2")
+    root = tmp_path / "d1"
+    train, heldout = _samples(root / "train"), _samples(root / "heldout")
+    assert (len(train), len(heldout)) == (64, 32)
+    for sample in train + heldout:
+        caps, objects = sample["json"]["captions"], sample["json"]["objects"]
+        assert 3 <= len(objects) <= 4
+        # One caption per object, then at most 2 relations, and none that lists the scene.
+        assert len(objects) <= len(caps) <= len(objects) + 2
+        assert not any(SCENE_CAPTION.match(c) for c in caps)
+    # The held-out scenes are drawn from their own stream, not copies of the train scenes.
+    assert not {s["jpg"] for s in heldout} & {s["jpg"] for s in train}
+    default = _samples(_demo(tmp_path / "plain"))
+    assert any(SCENE_CAPTION.match(c) for s in default for c in s["json"]["captions"])
+
+
+def _demo(out: Path) -> Path:
+    _run("make_demo_data.py", out, "--train", "16", "--eval-zeroshot", "0", "--eval-retrieval", "0")
+    return out / "train"
+
+
+def test_compositional_eval_folders(tmp_path):
+    _run("make_demo_data.py", tmp_path, *TESTBED)
+    joint = load_zeroshot_split(tmp_path / "eval")
+    colour, shape = load_zeroshot_split(tmp_path / "eval" / "colour"), load_zeroshot_split(tmp_path / "eval" / "shape")
+    assert (len(colour.classnames), len(shape.classnames)) == (8, 8)
+    same = [p.resolve() for p in joint.images]
+    assert [p.resolve() for p in colour.images] == same and [p.resolve() for p in shape.images] == same
+    for label, c, s in zip(joint.labels, colour.labels, shape.labels):
+        assert joint.classnames[label] == f"{colour.classnames[c]} {shape.classnames[s]}"
+    # Every prompt reads like a training caption: a colour with each shape, a shape with each colour.
+    assert [t.replace("{}", "red") for t in colour.templates] == [f"a red {s}." for s in shape.classnames]
+    assert [t.replace("{}", "star") for t in shape.templates] == [f"a {c} star." for c in colour.classnames]
+    objects = load_retrieval_split(tmp_path / "eval" / "objects")
+    assert len(objects.images) == 40 and all(p.is_file() for p in objects.images)
+    captions = [c for caps in objects.captions for c in caps]
+    assert all(3 <= len(caps) <= 4 for caps in objects.captions)
+    assert len(set(captions)) == len(captions)  # one right image per caption
+    assert all(re.fullmatch(r"a (small|large) \w+ \w+ (in|on|at) [a-z ]+\.", c) for c in captions), captions[:4]
+
+
+def test_testbed_options_are_checked_before_writing(tmp_path):
+    for args, words in ((("--objects", "3", "2"), "--objects needs 1 <= MIN <= MAX <= 9"),
+                        (("--compositional", "300"), "lower it to at most 288")):
+        err = _run("make_demo_data.py", tmp_path / "bad", *args, ok=False).stderr
+        assert words in err.strip().splitlines()[-1], err  # argparse: usage, then the one error line
+        assert not (tmp_path / "bad").exists()

@@ -154,8 +154,10 @@ def _scene_caption(scene: Scene) -> str:
     return f"{NUMBERS.get(n, str(n))} shape{'s' if n > 1 else ''}: {listing}."
 
 
-def scene_captions(scene: Scene, rng: np.random.Generator, relations: int = 2) -> list[str]:
-    """One caption per object, up to ``relations`` relation captions, one whole-scene caption."""
+def scene_captions(scene: Scene, rng: np.random.Generator, relations: int = 2,
+                   whole_scene: bool = True) -> list[str]:
+    """One caption per object, up to ``relations`` relation captions, and (``whole_scene``) one
+    caption listing every object. Without it, no caption describes the whole image."""
     caps = [_object_caption(o, rng) for o in scene.objects]
     objs = scene.objects
     pairs = [(i, j) for i in range(len(objs)) for j in range(len(objs)) if i != j]
@@ -163,8 +165,14 @@ def scene_captions(scene: Scene, rng: np.random.Generator, relations: int = 2) -
         cap = _relation_caption(objs[pairs[k][0]], objs[pairs[k][1]], rng)
         if cap and cap not in caps:
             caps.append(cap)
-    caps.append(_scene_caption(scene))
+    if whole_scene:
+        caps.append(_scene_caption(scene))
     return caps
+
+
+def located_caption(o: Obj) -> str:
+    """The caption that names one object by all of its attributes: "a small red circle on the left."."""
+    return f"a {o.size} {o.name} {CELL_NAMES[o.cell]}."
 
 
 def class_names() -> list[str]:
