@@ -143,8 +143,10 @@ def test_the_curves_and_the_mixing_pictures_are_written(reproduction):
     assert (figures / "mixing-0.png").read_bytes()[:8] == PNG and not (figures / "mixing-1.png").exists()
     assert "![metrics against steps](reproduction/curves.png)" in report
     assert "![mixing 0](reproduction/mixing-0.png)" in report
-    distance = float(report.split("1 = disjoint tokens): ")[1].split(".\n")[0])
-    assert 0.0 <= distance <= 1.0
+    mean, per_head = report.split("1 = disjoint tokens): ")[1].split(".\n")[0].split(" over heads; per head ")
+    per_head = [float(d) for d in per_head.split(", ")]
+    assert len(per_head) == 2 and all(0.0 <= d <= 1.0 for d in per_head)  # num_heads=2
+    assert float(mean) == pytest.approx(statistics.fmean(per_head), abs=1e-3)
     # The held-out loss table has one column per evaluation (eval.every=1: steps 1 and 2), read
     # back from the runs' metrics.
     cells = _cells(report, "## Held-out loss", "clip")

@@ -278,12 +278,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def aggregate(results: list[Result]) -> dict[str, dict[str, tuple[float, float]]]:
-    """{variant: {metric: (mean, std)}} over seeds."""
-    out: dict[str, dict[str, tuple[float, float]]] = {}
+def per_variant(results: list[Result]) -> dict[str, dict[str, list[float]]]:
+    """{variant: {metric: [value per seed]}}."""
+    out: dict[str, dict[str, list[float]]] = {}
     for name in dict.fromkeys(r.run.name for r in results):
         mine = [r for r in results if r.run.name == name]
-        out[name] = {key: mean_std([r.metrics[key] for r in mine]) for key, _ in METRICS}
+        out[name] = {key: [r.metrics[key] for r in mine] for key, _ in METRICS}
     return out
 
 
@@ -316,13 +316,18 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
+def _spread(values: list[float]) -> str:
+    """Mean ± std in percent; a single run has no spread to show."""
+    mean, std = mean_std(values)
+    return _pct(mean) if len(values) == 1 else f"{_pct(mean)} ± {_pct(std)}"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
-def _means_table(agg: dict, names: list[str], labels: dict[str, str], chance: dict[str, float]) -> list[str]:
-    rows = [[labels.get(n, n), *(f"{_pct(agg[n][k][0])} ± {_pct(agg[n][k][1])}" for k, _ in METRICS)]
-            for n in names if n in agg]
+def _means_table(values: dict, names: list[str], labels: dict[str, str], chance: dict[str, float]) -> list[str]:
+    rows = [[labels.get(n, n), *(_spread(values[n][k]) for k, _ in METRICS)] for n in names if n in values]
     rows.append(["chance", *(_pct(chance[k]) for k, _ in METRICS)])
     return _table(["variant", *(name for _, name in METRICS)], rows) + [""]
 
@@ -352,7 +357,7 @@ def binding_table(results: list[Result]) -> list[str]:
     rows = []
     for n in names:
         mine = [r.metrics for r in results if r.run.name == n]
-        rows.append([n, *(" ± ".join(map(_pct, mean_std([m[f"bind/{b}"] for m in mine]))) for b in BINDINGS)])
+        rows.append([n, *(_spread([m[f"bind/{b}"] for m in mine]) for b in BINDINGS)])
     chance = results[0].metrics
     rows.append(["random image", *(_pct(chance[f"bind/{b}_chance"]) for b in BINDINGS)])
     return _table(["variant", *BINDINGS], rows) + [""]
@@ -441,10 +446,10 @@ def plot(results: list[Result], path: Path) -> None:
     plt.close(fig)
 
 
-def mixing_pictures(run: Run, data: Path, folder: Path, count: int) -> tuple[list[Path], float]:
+def mixing_pictures(run: Run, data: Path, folder: Path, count: int) -> tuple[list[Path], list[float]]:
     """Llip's mixing for the first ``count`` single-object retrieval images, one PNG each; and how
-    differently an image's captions mix its tokens: the mean total-variation distance between the
-    mixing weights of two captions of the same image (0: every caption mixes alike)."""
+    differently an image's captions mix its tokens: per head, the mean total-variation distance
+    between the mixing weights of two captions of the same image (0: every caption mixes alike)."""
     import torch
 
     from llip_scale.data import Tokenizer, eval_image
@@ -463,13 +468,12 @@ def mixing_pictures(run: Run, data: Path, folder: Path, count: int) -> tuple[lis
         paths.append(folder / f"mixing-{i}.png")
         figure.savefig(paths[-1], dpi=80)
     split = load_retrieval_split(objects)
-    distances = []
+    distances = []  # [H] per pair of captions of one image
     for image, captions in zip(split.images, split.captions):
         weights, _ = caption_mixing(model, eval_image(Path(image).read_bytes(), size), tokenize(captions))
         n = len(captions)
-        distances += [0.5 * (weights[a] - weights[b]).abs().sum(-1).mean().item()
-                      for a in range(n) for b in range(a + 1, n)]
-    return paths, statistics.fmean(distances)
+        distances += [0.5 * (weights[a] - weights[b]).abs().sum(-1) for a in range(n) for b in range(a + 1, n)]
+    return paths, torch.stack(distances).mean(dim=0).tolist()
 
 
 def total_wall_time(runs_dir: Path, wall: float, trained: int) -> float:
@@ -523,7 +527,7 @@ def render(results: list[Result], runs: list[Run], data: Path, command: str, wal
            chance: dict[str, float], params: dict[str, int], mixing: Optional[tuple[list[Path], float]],
            plot_path: Optional[Path], out: Path) -> str:
     """The report, without the kept notes."""
-    agg = aggregate(results)
+    agg = per_variant(results)
     steps = {r.name: r.config.steps for r in runs}
     labels = {"llip-flops": f"llip-flops ({steps.get('llip-flops')} steps)"}
     lines = ["# Small-scale comparison: Llip vs SigLIP vs CLIP", ""]
@@ -552,11 +556,12 @@ def render(results: list[Result], runs: list[Run], data: Path, command: str, wal
     if plot_path is not None:
         lines += ["## Curves", "", f"![metrics against steps]({os.path.relpath(plot_path, out.parent)})", ""]
     if mixing is not None:
-        pictures, distance = mixing
+        pictures, per_head = mixing
         lines += ["## Llip's mixing", "",
                   f"Mean total-variation distance between the mixing weights of two captions of the same image "
-                  f"(eval/objects, first seed, averaged over heads; 0 = every caption mixes the tokens alike, "
-                  f"1 = disjoint tokens): {distance:.3f}.", "",
+                  f"(eval/objects, first seed; 0 = every caption mixes the tokens alike, 1 = disjoint tokens): "
+                  f"{statistics.fmean(per_head):.3f} over heads; per head "
+                  + ", ".join(f"{d:.3f}" for d in per_head) + ".", "",
                   *(f"![mixing {i}]({os.path.relpath(p, out.parent)})" for i, p in enumerate(pictures)), ""]
     lines += ["## Per run (percent)", ""]
     per_run = [[r.run.name, str(r.run.seed), str(r.run.config.steps), *(_pct(r.metrics[k]) for k, _ in METRICS),
