@@ -266,12 +266,18 @@ def launch_configs(plan: KernelPlan, dtype, arch: int = 90, interpret: Optional[
     # up to 35 registers and 16 KiB of shared memory, no spills and no occupancy against the
     # one-stage kernel (8 warps: two programs per SM at most 128 registers, one above; every head
     # stays on its side); with one stage the tiny head's image side spilled on sm_80.
+    image_stages = 2 if plan.kc <= 64 else 1  # token blocks of 128 (K > 64): 365 KiB of shared memory
     if arch >= 90:  # Hopper: warpgroup MMA takes 64-row tiles
         fwd_bt = 64 if 64 * plan.nbk * 2 <= REGISTER_BYTES else 16
-        return dict(fwd=LaunchConfig(fwd_bt, 8, 1), bwd_image=LaunchConfig(64, 8, 2),
+        return dict(fwd=LaunchConfig(fwd_bt, 8, 1), bwd_image=LaunchConfig(64, 8, image_stages),
                     bwd_text=LaunchConfig(64, 8, 1))
-    # Ampere's mma.sync layouts hold more per thread at the same tile: smaller text blocks.
-    return dict(fwd=LaunchConfig(16, 8, 1), bwd_image=LaunchConfig(32, 8, 2), bwd_text=LaunchConfig(16, 8, 1))
+    # Ampere's mma.sync layouts hold more per thread at the same tile: smaller text blocks. The
+    # image side takes 64 texts per block where one head's tokens fit one block of at most 32
+    # (tiny, B/16, L/14 heads: 174 to 254 registers, no spills), which halves the keys and G
+    # blocks each dK part loads per text; at K = 64, or two token blocks per head, it spills.
+    image_bt = 64 if plan.nc == 1 and plan.kc <= 32 else 32
+    return dict(fwd=LaunchConfig(16, 8, 1), bwd_image=LaunchConfig(image_bt, 8, image_stages),
+                bwd_text=LaunchConfig(16, 8, 1))
 
 
 def image_side_parts(plan: KernelPlan) -> int:
