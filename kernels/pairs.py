@@ -38,7 +38,8 @@ from llip_scale.kernels import pair_kernels as pk
 from llip_scale.pairs.chunked import chunked_scores
 
 __all__ = ["triton_loss", "triton_scores", "KernelPlan", "make_plan", "LaunchConfig", "launch_configs", "Chunks",
-           "plan_chunks", "workspace_bytes", "interpreting", "image_side_macs"]
+           "plan_chunks", "workspace_bytes", "interpreting", "image_side_parts", "dg_blocks_per_head",
+           "image_side_macs"]
 
 GROUP = 8  # images per band of the program order (L2 reuse of G and the text blocks)
 # Largest token block: a G block of KC x KC stays a small dot operand (fp32 takes twice the room).
@@ -263,9 +264,9 @@ def launch_configs(plan: KernelPlan, dtype, arch: int = 90, interpret: Optional[
     # float16 and bfloat16: the same tensor-core tiles (2-byte operands, fp32 accumulators). The
     # image side loads its key and query (or U) slices through two stages (cp.async: the next
     # head-dim step's tiles load while the current one's dot runs). At the zoo's heads that costs
-    # up to 35 registers and 16 KiB of shared memory, no spills and no occupancy against the
-    # one-stage kernel (8 warps: two programs per SM at most 128 registers, one above; every head
-    # stays on its side); with one stage the tiny head's image side spilled on sm_80.
+    # up to 24 registers and 16 KiB of shared memory, no spills and no occupancy against the
+    # earlier one-stage kernel (8 warps: two programs per SM at most 128 registers, one above;
+    # every head stays on its side); with one stage the tiny head's image side spilled on sm_80.
     image_stages = 2 if plan.kc <= 64 else 1  # token blocks of 128 (K > 64): 365 KiB of shared memory
     if arch >= 90:  # Hopper: warpgroup MMA takes 64-row tiles
         fwd_bt = 64 if 64 * plan.nbk * 2 <= REGISTER_BYTES else 16
