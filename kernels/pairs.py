@@ -267,7 +267,8 @@ def launch_configs(plan: KernelPlan, dtype, arch: int = 90, interpret: Optional[
     # up to 24 registers and 16 KiB of shared memory, no spills and no occupancy against the
     # earlier one-stage kernel (8 warps: two programs per SM at most 128 registers, one above;
     # every head stays on its side); with one stage the tiny head's image side spilled on sm_80.
-    image_stages = 2 if plan.kc <= 64 else 1  # token blocks of 128 (K > 64): 365 KiB of shared memory
+    # Token blocks of 128 (K > 64) would take 365 KiB of shared memory on sm_80.
+    image_stages = 2 if plan.kc <= 64 else 1
     if arch >= 90:  # Hopper: warpgroup MMA takes 64-row tiles
         fwd_bt = 64 if 64 * plan.nbk * 2 <= REGISTER_BYTES else 16
         return dict(fwd=LaunchConfig(fwd_bt, 8, 1), bwd_image=LaunchConfig(64, 8, image_stages),
@@ -276,7 +277,11 @@ def launch_configs(plan: KernelPlan, dtype, arch: int = 90, interpret: Optional[
     # image side takes 64 texts per block where one head's tokens fit one block of at most 32
     # (tiny, B/16, L/14 heads: 174 to 254 registers, no spills), which halves the keys and G
     # blocks each dK part loads per text; at K = 64, or two token blocks per head, it spills.
+    # At K = 64 (H/14, G/14: 241 to 255 registers with 32-text blocks) the second stage is left
+    # out: with Triton 3.6 it spills at the G/14 head.
     image_bt = 64 if plan.nc == 1 and plan.kc <= 32 else 32
+    if plan.kc > 32:
+        image_stages = 1
     return dict(fwd=LaunchConfig(16, 8, 1), bwd_image=LaunchConfig(image_bt, 8, image_stages),
                 bwd_text=LaunchConfig(16, 8, 1))
 
