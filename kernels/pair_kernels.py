@@ -20,11 +20,12 @@ G_i is symmetric, so the forward only visits the blocks b' <= b (half the produc
 The backward is split the way flash-attention's is, so that every output has one owner and
 nothing is atomic (gradients are bitwise repeatable):
 
-- image side, program (image i, head h, split of the texts, part): loops over text blocks and
-  keeps in registers, for head h, dK (part 0: recomputes the weights and dA = dnum * P +
-  2 dsq * (G a), runs the softmax backward, and adds dsq a a^T to dG's columns of head h, upper
-  block triangle, in global memory that only it touches) or dV (part 1: needs only head h's
-  weights), and writes them once;
+- image side, program (image i, part, split of the texts): loops over text blocks and keeps
+  in registers dK of head h = part (parts 0..H-1: recomputes the weights and dA = dnum * P +
+  2 dsq * (G a), runs the softmax backward, and adds dsq a a^T to dG's columns of head h, in
+  global memory that only it touches, for the head pairs it owns: each pair once, about H/2
+  per part) or dV of every head in turn (part H: needs only each head's own weights, so H heads
+  of it cost about what one dK part costs), and writes them once;
 - text side, program (text block, head h, part): loops over the images in order and keeps dQ
   (part 0) or dU (part 1) of head h in registers, then adds them once to the fp32 accumulators.
 
@@ -209,6 +210,16 @@ def _score_grads(Scale, Bias, GradScale, Cos, Nrm, img, rows, row_mask, offset, 
 
 
 @triton.jit
+def _owns_dg_block(h, h2, H: tl.constexpr):
+    """Whether the dK program of head h adds the dG block of the head pair (h2, h). Each pair
+    {h, h2} has one owner: a round robin by (h2 - h) mod H, ties (H even, heads H/2 apart) to
+    the lower head. So each program adds 1 + (H - 1) // 2 blocks, or one more: not h + 1, which
+    left the last head's program with H of them and the first with one."""
+    s = (h2 - h + H) % H
+    return (s == 0) | (2 * s < H) | ((2 * s == H) & (h < h2))
+
+
+@triton.jit
 def _pair_grads(Q, U, k_ptr, v_ptr, g_ptr, dg_ptr, rows, row_mask, h, dnum, dsq, n_tok, E, scale_log2, inv_tau,
                 H: tl.constexpr, NC: tl.constexpr, NBK: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                 KC: tl.constexpr, BT: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
@@ -218,10 +229,10 @@ def _pair_grads(Q, U, k_ptr, v_ptr, g_ptr, dg_ptr, rows, row_mask, h, dnum, dsq,
 
     dA = dnum * P + 2 dsq * (G a) needs the weights of every head (G couples them through W_o):
     they are recomputed one head at a time, so only one head's weights are live at once.
-    If WITH_DG, the same loop also adds dsq a a^T to dG's columns of head h, upper block
-    triangle only (row blocks of heads h2 <= h; blocks above the diagonal doubled, which is all
-    the symmetric backward of G = V' V'^T needs). The caller owns those columns, so it reads,
-    adds and writes them back."""
+    If WITH_DG, the same loop also adds dsq a a^T to dG's columns of head h, for the row blocks
+    of the heads h2 that ``_owns_dg_block`` gives to head h (each pair of heads once, off-diagonal
+    blocks doubled; within head h the upper block triangle: all the symmetric backward of
+    G = V' V'^T needs). The caller owns those columns, so it reads, adds and writes them back."""
     dt = Q.dtype.element_ty
     r = tl.arange(0, KC)
     ga = ()  # (G a) on the blocks of head h
@@ -248,8 +259,8 @@ def _pair_grads(Q, U, k_ptr, v_ptr, g_ptr, dg_ptr, rows, row_mask, h, dnum, dsq,
             new_ga = new_ga + (acc,)
         ga = new_ga
         if WITH_DG:
-            if h2 <= h:
-                lower = h2 < h
+            if _owns_dg_block(h, h2, H):
+                other_head = h2 != h
                 for c in tl.static_range(NC):
                     for c2 in tl.static_range(NC):
                         blk = tl.dot(tl.trans(other[c2].to(dt)), own_dsq[c], input_precision=PREC)
@@ -258,9 +269,9 @@ def _pair_grads(Q, U, k_ptr, v_ptr, g_ptr, dg_ptr, rows, row_mask, h, dnum, dsq,
                         if c2 < c:
                             tl.store(ptrs, tl.load(ptrs) + 2.0 * blk)
                         elif c2 == c:
-                            tl.store(ptrs, tl.load(ptrs) + tl.where(lower, 2.0, 1.0) * blk)
-                        else:  # below the diagonal within head h: only for the earlier heads
-                            keep = (tl.zeros([KC, KC], dtype=tl.int32) + h2) < h
+                            tl.store(ptrs, tl.load(ptrs) + tl.where(other_head, 2.0, 1.0) * blk)
+                        else:  # below the diagonal within head h: only for the other heads
+                            keep = (tl.zeros([KC, KC], dtype=tl.int32) + h2) != h
                             tl.store(ptrs, tl.load(ptrs, mask=keep, other=0.0) + 2.0 * blk, mask=keep)
         else:
             mine = h2 == h
@@ -337,15 +348,17 @@ def _pairs_bwd_image_kernel(Q, U, Kx, V, G, Scale, Bias, GradScale, Cos, Nrm, dK
                             H: tl.constexpr, NC: tl.constexpr, NBK: tl.constexpr, D: tl.constexpr,
                             BD: tl.constexpr, ND: tl.constexpr, KC: tl.constexpr, EVEN_D: tl.constexpr,
                             PREC: tl.constexpr, BT: tl.constexpr):
-    """Image side: program (image, head h, 2 * split s + part) loops over the texts of split s
-    in blocks of BT and keeps, for head h, dK (part 0, which also adds to dG's columns of head h
-    in global memory only it touches) or dV (part 1) in registers, then writes them once. Each
-    split writes its own partial slice ([S, n_img, ...]); the caller sums them in a fixed order,
-    so nothing is atomic. The parts are one launch; a runtime branch keeps only one part's
-    registers live."""
+    """Image side: program (image, part, split s) loops over the texts of split s in blocks of
+    BT. Parts 0..H-1 keep dK of head ``part`` in registers (and add to dG's columns of that head,
+    in global memory only they touch); part H computes dV of every head, one head after the
+    other, so that it does about the work of one dK part (H times one head's weights and dV
+    product, against one dK part's H heads' weights and (G a)), and every program of the launch
+    takes about as long. Each program writes its outputs once; each split writes its own partial
+    slice ([S, n_img, ...]), which the caller sums in a fixed order, so nothing is atomic. A
+    runtime branch keeps only one part's registers live."""
     img = tl.program_id(0)
-    h = tl.program_id(1)
-    split = tl.program_id(2) // 2
+    part = tl.program_id(1)
+    split = tl.program_id(2)
     img64 = tl.cast(img, tl.int64)
     k_ptr = Kx + img64 * n_tok * E
     v_ptr = V + img64 * n_tok * E
@@ -353,16 +366,17 @@ def _pairs_bwd_image_kernel(Q, U, Kx, V, G, Scale, Bias, GradScale, Cos, Nrm, dK
     out64 = tl.cast(split, tl.int64) * n_img + img64
     t_start = split * split_texts
     t_end = tl.minimum(n_txt, t_start + split_texts)
-    if tl.program_id(2) % 2 == 0:
+    if part < H:
         acc = _image_side(Q, U, k_ptr, v_ptr, g_ptr, dG + out64 * NBK * NBK, Scale, Bias, GradScale, Cos, Nrm,
-                          img, h, t_start, t_end, n_tok, E, offset, scale_log2, inv_tau, stat_stride,
+                          img, part, t_start, t_end, n_tok, E, offset, scale_log2, inv_tau, stat_stride,
                           H, NC, NBK, D, BD, ND, KC, EVEN_D, PREC, BT, False)
-        _store_image_side(dK + out64 * n_tok * E, acc, h, n_tok, E, NC, D, BD, ND, KC)
+        _store_image_side(dK + out64 * n_tok * E, acc, part, n_tok, E, NC, D, BD, ND, KC)
     else:
-        acc = _image_side(Q, U, k_ptr, v_ptr, g_ptr, g_ptr, Scale, Bias, GradScale, Cos, Nrm,
-                          img, h, t_start, t_end, n_tok, E, offset, scale_log2, inv_tau, stat_stride,
-                          H, NC, NBK, D, BD, ND, KC, EVEN_D, PREC, BT, True)
-        _store_image_side(dV + out64 * n_tok * E, acc, h, n_tok, E, NC, D, BD, ND, KC)
+        for h in range(0, E // D):  # a runtime loop, as in _pair_grads: one head's dV live at a time
+            acc = _image_side(Q, U, k_ptr, v_ptr, g_ptr, g_ptr, Scale, Bias, GradScale, Cos, Nrm,
+                              img, h, t_start, t_end, n_tok, E, offset, scale_log2, inv_tau, stat_stride,
+                              H, NC, NBK, D, BD, ND, KC, EVEN_D, PREC, BT, True)
+            _store_image_side(dV + out64 * n_tok * E, acc, h, n_tok, E, NC, D, BD, ND, KC)
 
 
 @triton.jit

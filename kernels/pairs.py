@@ -38,7 +38,8 @@ from llip_scale.kernels import pair_kernels as pk
 from llip_scale.pairs.chunked import chunked_scores
 
 __all__ = ["triton_loss", "triton_scores", "KernelPlan", "make_plan", "LaunchConfig", "launch_configs", "Chunks",
-           "plan_chunks", "workspace_bytes", "interpreting"]
+           "plan_chunks", "workspace_bytes", "interpreting", "image_side_parts", "dg_blocks_per_head",
+           "image_side_macs"]
 
 GROUP = 8  # images per band of the program order (L2 reuse of G and the text blocks)
 # Largest token block: a G block of KC x KC stays a small dot operand (fp32 takes twice the room).
@@ -260,13 +261,52 @@ def launch_configs(plan: KernelPlan, dtype, arch: int = 90, interpret: Optional[
         # ieee fp32 dots run on the FMA units (no tensor cores), whose layouts hold far more per
         # thread than an MMA tile: the smallest text block, on every architecture.
         return dict(fwd=LaunchConfig(16, 8, 1), bwd_image=LaunchConfig(16, 8, 1), bwd_text=LaunchConfig(16, 8, 1))
-    # float16 and bfloat16: the same tensor-core tiles (2-byte operands, fp32 accumulators).
+    # float16 and bfloat16: the same tensor-core tiles (2-byte operands, fp32 accumulators). The
+    # image side loads its key and query (or U) slices through two stages (cp.async: the next
+    # head-dim step's tiles load while the current one's dot runs). At the zoo's heads that costs
+    # up to 24 registers and 16 KiB of shared memory, no spills and no occupancy against the
+    # earlier one-stage kernel (8 warps: two programs per SM at most 128 registers, one above;
+    # every head stays on its side); with one stage the tiny head's image side spilled on sm_80.
+    # Token blocks of 128 (K > 64) would take 365 KiB of shared memory on sm_80.
+    image_stages = 2 if plan.kc <= 64 else 1
     if arch >= 90:  # Hopper: warpgroup MMA takes 64-row tiles
         fwd_bt = 64 if 64 * plan.nbk * 2 <= REGISTER_BYTES else 16
-        return dict(fwd=LaunchConfig(fwd_bt, 8, 1), bwd_image=LaunchConfig(64, 8, 1),
+        return dict(fwd=LaunchConfig(fwd_bt, 8, 1), bwd_image=LaunchConfig(64, 8, image_stages),
                     bwd_text=LaunchConfig(64, 8, 1))
-    # Ampere's mma.sync layouts hold more per thread at the same tile: smaller text blocks.
-    return dict(fwd=LaunchConfig(16, 8, 1), bwd_image=LaunchConfig(32, 8, 1), bwd_text=LaunchConfig(16, 8, 1))
+    # Ampere's mma.sync layouts hold more per thread at the same tile: smaller text blocks. The
+    # image side takes 64 texts per block where one head's tokens fit one block of at most 32
+    # (tiny, B/16, L/14 heads: 174 to 254 registers, no spills), which halves the keys and G
+    # blocks each dK part loads per text; at K = 64, or two token blocks per head, it spills.
+    # At K = 64 (H/14, G/14: 241 to 255 registers with 32-text blocks) the second stage is left
+    # out: with Triton 3.6 it spills at the G/14 head.
+    image_bt = 64 if plan.nc == 1 and plan.kc <= 32 else 32
+    if plan.kc > 32:
+        image_stages = 1
+    return dict(fwd=LaunchConfig(16, 8, 1), bwd_image=LaunchConfig(image_bt, 8, image_stages),
+                bwd_text=LaunchConfig(16, 8, 1))
+
+
+def image_side_parts(plan: KernelPlan) -> int:
+    """Programs of the image-side kernel per (image, split of the texts): H dK parts, one dV part."""
+    return plan.num_heads + 1
+
+
+def dg_blocks_per_head(num_heads: int) -> list[int]:
+    """Head-pair blocks of dG that each dK part adds (pair_kernels._owns_dg_block): its own, then
+    a round robin over the other heads, ties to the lower head."""
+    h = num_heads
+    return [1 + (h - 1) // 2 + (h % 2 == 0 and head < h // 2) for head in range(h)]
+
+
+def image_side_macs(plan: KernelPlan) -> list[int]:
+    """Modelled multiply-adds per text of each program of one (image, split): the H dK parts,
+    then the dV part, at the padded sizes the kernel computes (K' = NC * KC tokens, d' = ND * BD
+    head dims). A dK part recomputes its own head's weights and every head's (K' d' each), takes
+    (G a) over every head (K'^2 each), adds its dG blocks (K'^2 each), then P and the dK product
+    (K' d' each); the dV part computes each head's weights and its dV product (K' d' each)."""
+    k, d, h = plan.nc * plan.kc, plan.nd * plan.bd, plan.num_heads
+    dk = [(h + 3) * k * d + (h + blocks) * k * k for blocks in dg_blocks_per_head(h)]
+    return dk + [2 * h * k * d]
 
 
 def _arch(device: torch.device) -> int:
@@ -282,15 +322,15 @@ MAX_TEXT_SPLITS = 4
 
 
 def _text_splits(n_img: int, plan: KernelPlan, n_txt: int, bt: int, device: torch.device) -> int:
-    """Splits of the texts for the image-side kernel, so that its (image, head, split) grid fills
-    the GPU twice over even when few images fit in a chunk; each split costs one partial
-    dK, dV, dG per image (planned in ``_sizes``)."""
+    """Splits of the texts for the image-side kernel, so that its (image, part, split) grid (H + 1
+    parts of about equal work) fills the GPU twice over even when few images fit in a chunk;
+    each split costs one partial dK, dV, dG per image (planned in ``_sizes``)."""
     if TEXT_SPLITS is not None:
         return max(1, min(TEXT_SPLITS, triton.cdiv(n_txt, bt)))
     if device.type != "cuda":
         return 1
     programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(programs, n_img * plan.num_heads)
+    want = triton.cdiv(programs, n_img * image_side_parts(plan))
     return max(1, min(MAX_TEXT_SPLITS, want, triton.cdiv(n_txt, bt)))
 
 
@@ -406,7 +446,7 @@ def _backward(keys, values, w_o, queries, targets, logit_scale, logit_bias, stat
             common = (x["q"][t0:t1], x["u"][t0:t1], x["keys"][i0:i1], x["values"][i0:i1], g, *scalars,
                       stats[0, i0:i1, t0:], stats[1, i0:i1, t0:])
             sizes = (ni, nt, k, e, offset + i0 - t0, math.log2(math.e) / tau, 1.0 / tau, bt)
-            pk._pairs_bwd_image_kernel[(ni, h, 2 * splits)](
+            pk._pairs_bwd_image_kernel[(ni, h + 1, splits)](
                 *common, dk, dv, dg, *sizes, per_split, **plan.bwd_constexprs(), **cfg["bwd_image"].options())
             pk._pairs_bwd_text_kernel[(triton.cdiv(nt, cfg["bwd_text"].bt), 2 * h)](
                 *common, dq, du, *sizes, **plan.bwd_constexprs(), **cfg["bwd_text"].options())

@@ -94,6 +94,11 @@ SHAPES = {  # (Bi, Bt, K, E, H, offset)
     "k1-h1": (2, 16, 1, 16, 1, 0),
     "two-token-blocks-d20": (3, 21, 20, 40, 2, 7),  # K > KC; d = 20 is not a power of two
     "h3-last-offset": (2, 17, 3, 48, 3, 15),  # d = 16 in three heads; positives at the last columns
+    # The image side's dG blocks in a round robin over head pairs: with H = 4 the pairs two heads
+    # apart are ties (the lower head adds them), with H = 5 there are none; K = 20 spans two token
+    # blocks per head (the blocks below the diagonal of another head's pair are added too).
+    "h4-two-token-blocks": (2, 19, 20, 64, 4, 1),
+    "h5-ragged": (3, 21, 5, 80, 5, 2),
 }
 
 
@@ -102,7 +107,7 @@ def test_loss_and_gradients_match_reference_fp32(name, small_token_blocks):
     check_against_reference(SHAPES[name], torch.float32, seed=len(name))
 
 
-@pytest.mark.parametrize("name", ["ragged-offset", "two-token-blocks-d20"])
+@pytest.mark.parametrize("name", ["ragged-offset", "two-token-blocks-d20", "h4-two-token-blocks"])
 def test_loss_and_gradients_match_reference_fp16(name, small_token_blocks):
     check_against_reference(SHAPES[name], torch.float16, seed=100 + len(name))
 
@@ -182,6 +187,22 @@ def test_fp32_token_blocks_keep_the_forward_gram_pass_small():
         plan = kp.make_plan(k, e, h, torch.float32)
         assert plan.kc == kc and plan.nb <= kp.MAX_NB_FP32 or plan.kc == kp.MAX_KC_FP32, (k, e, h, plan)
     assert kp.make_plan(64, 1280, 8, torch.bfloat16).kc == 64  # 2-byte types: unchanged
+
+
+def test_image_side_programs_do_about_the_same_work():
+    """The modelled work per text of the image side's H + 1 programs per (image, split): every
+    head pair's dG block is added once, and no program does more than 1.1x the least at the
+    B/16 to G/14 heads (1.35x at the tiny head, whose K = 8 is padded to a block of 16: the dK
+    parts' K'^2 terms weigh more there). Before, the dK parts did about 7x the dV parts' work."""
+    for h in range(1, 10):
+        blocks = kp.dg_blocks_per_head(h)
+        assert sum(blocks) == h * (h + 1) // 2 and max(blocks) - min(blocks) <= 1, (h, blocks)
+    for k, e, h in ZOO_HEADS:
+        for dtype in (torch.bfloat16, torch.float32):
+            plan = kp.make_plan(k, e, h, dtype)
+            macs = kp.image_side_macs(plan)
+            assert len(macs) == kp.image_side_parts(plan) == h + 1
+            assert max(macs) <= (1.35 if k == 8 else 1.1) * min(macs), ((k, e, h), dtype, macs)
 
 
 def test_scores_match_reference_and_loss_without_grad():
