@@ -201,7 +201,7 @@ COVERED: dict[str, tuple[str, str]] = {
         "tests/test_eval_benchmarks.py::test_llip_eval_on_an_imported_official_checkpoint_finds_its_bpe_file",
         "a real checkpoint and data set"),
     "python tools/reproduce_small.py": (
-        "tests/test_reproduce_small.py::test_every_variant_and_seed_is_trained_and_summarised", "80 minutes of training"),
+        "tests/test_reproduce_small.py::test_every_variant_and_seed_is_trained_and_summarised", "70 minutes of training"),
     "python tools/reproduce_small.py --methods llip --set model.head.tau=1 --runs runs/tau1 --out tau1.md": (
         "tests/test_reproduce_small.py::test_a_rerun_reuses_the_runs_and_keeps_the_notes", "training runs"),
     "python tools/import_official.py CHECKPOINT OUT_DIR [--config CONFIG] [--dtype bf16] [--bpe-vocab FILE]": (
