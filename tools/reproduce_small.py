@@ -177,19 +177,28 @@ def _finished(run: Run) -> Optional[dict]:
     return summary if summary.get("status") == "done" and summary.get("steps") == run.config.steps else None
 
 
+def _load(folder: Path, threads: int = 0):
+    """A finished run's model in eval mode on the CPU, and its tokenizer."""
+    import torch
+
+    from llip_scale.data import Tokenizer
+    from llip_scale.eval.cli import load_for_eval
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, config = load_for_eval(folder, torch.device("cpu"), "auto")
+    model.eval()
+    return model, Tokenizer(config["data"]["tokenizer"], model.cfg.text.context_length)
+
+
 def final_evaluation(folder: Path, data: Path, threads: int) -> dict[str, float]:
     """What the periodic evaluation does not measure: zero-shot over colours alone and shapes
     alone (eval/colour, eval/shape), and retrieval with the mixed captions of eval/."""
     import torch
 
-    from llip_scale.data import Tokenizer
-    from llip_scale.eval.cli import load_for_eval
     from llip_scale.eval.run import evaluate_retrieval, evaluate_zeroshot
 
-    torch.set_num_threads(threads)
-    model, config = load_for_eval(folder, torch.device("cpu"), "auto")
-    model.eval()
-    tokenize = Tokenizer(config["data"]["tokenizer"], model.cfg.text.context_length)
+    model, tokenize = _load(folder, threads)
     size, cpu = model.cfg.vision.image_size, torch.device("cpu")
     out: dict[str, float] = {}
     for attribute in ("colour", "shape"):
@@ -233,15 +242,10 @@ def binding_metrics(run: Run, data: Path, threads: int) -> dict[str, float]:
     import torch
     from torch.utils.data import DataLoader
 
-    from llip_scale.data import Tokenizer
-    from llip_scale.eval.cli import load_for_eval
     from llip_scale.eval.encode import encode_images, encode_texts, score_all
     from llip_scale.eval.evalsets import EvalImages, load_retrieval_split
 
-    torch.set_num_threads(threads)
-    model, config = load_for_eval(run.folder, torch.device("cpu"), "auto")
-    model.eval()
-    tokenize = Tokenizer(config["data"]["tokenizer"], model.cfg.text.context_length)
+    model, tokenize = _load(run.folder, threads)
     split, cpu = load_retrieval_split(data / "eval" / "objects"), torch.device("cpu")
     images = encode_images(model, DataLoader(EvalImages(split.images, model.cfg.vision.image_size), batch_size=64), cpu)
     texts = encode_texts(model, tokenize([c for caps in split.captions for c in caps]), cpu)
@@ -452,14 +456,11 @@ def mixing_pictures(run: Run, data: Path, folder: Path, count: int) -> tuple[lis
     between the mixing weights of two captions of the same image (0: every caption mixes alike)."""
     import torch
 
-    from llip_scale.data import Tokenizer, eval_image
-    from llip_scale.eval.cli import load_for_eval
+    from llip_scale.data import eval_image
     from llip_scale.eval.evalsets import load_retrieval_split
     from llip_scale.eval.mixing import caption_mixing, retrieval_figures
 
-    model, config = load_for_eval(run.folder, torch.device("cpu"), "auto")
-    model.eval()
-    tokenize = Tokenizer(config["data"]["tokenizer"], model.cfg.text.context_length)
+    model, tokenize = _load(run.folder)
     size, objects = model.cfg.vision.image_size, data / "eval" / "objects"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
