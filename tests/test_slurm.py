@@ -88,9 +88,11 @@ def _proc(pid: int, name: str) -> str:
 
 
 def data_workers(job_id: str, node: str = "") -> list[int]:
-    """The DataLoader workers of the job's step 0 (on ``node``; default: this machine's slurmd):
-    children of its tasks forked from them (same command line), not short-lived helpers such as a
-    compiler."""
+    """The DataLoader workers of the job's step 0 (on ``node``; default: this machine's slurmd)
+    that have started their loop: children of its tasks forked from them (same command line, which
+    a compiler's vfork also has until it execs) that named themselves ``pt_data_worker``, as torch's
+    worker loop does first. A worker stopped earlier, in the first instants after its fork, once
+    never started its loop after SIGCONT and hung its rank (not reproduced since)."""
     out = subprocess.run(["scontrol", "listpids", f"{job_id}.0", *([node] if node else [])], capture_output=True,
                          text=True)
     rows = [line.split() for line in out.stdout.splitlines()[1:]]
@@ -102,7 +104,8 @@ def data_workers(job_id: str, node: str = "") -> list[int]:
             continue
         stat = _proc(pid, "stat")
         ppid = int(stat.rsplit(")", 1)[1].split()[1]) if stat else None
-        if ppid in tasks and _proc(pid, "cmdline") == _proc(ppid, "cmdline"):
+        if ppid in tasks and _proc(pid, "cmdline") == _proc(ppid, "cmdline") and \
+                _proc(pid, "comm").strip() == "pt_data_worker":
             workers.append(pid)
     return workers
 
