@@ -91,8 +91,9 @@ def data_workers(job_id: str, node: str = "") -> list[int]:
     """The DataLoader workers of the job's step 0 (on ``node``; default: this machine's slurmd)
     that have started their loop: children of its tasks forked from them (same command line, which
     a compiler's vfork also has until it execs) that named themselves ``pt_data_worker``, as torch's
-    worker loop does first. A worker stopped earlier, in the first instants after its fork, once
-    never started its loop after SIGCONT and hung its rank (not reproduced since)."""
+    worker loop does first. Stopping a child before that can stop something else: in one run the
+    hold stopped a child with a worker's command line that never became a worker, stayed named
+    ``python`` after SIGCONT, and its rank never trained a step."""
     out = subprocess.run(["scontrol", "listpids", f"{job_id}.0", *([node] if node else [])], capture_output=True,
                          text=True)
     rows = [line.split() for line in out.stdout.splitlines()[1:]]
