@@ -446,7 +446,7 @@ def _backward(keys, values, w_o, queries, targets, logit_scale, logit_bias, stat
             common = (x["q"][t0:t1], x["u"][t0:t1], x["keys"][i0:i1], x["values"][i0:i1], g, *scalars,
                       stats[0, i0:i1, t0:], stats[1, i0:i1, t0:])
             sizes = (ni, nt, k, e, offset + i0 - t0, math.log2(math.e) / tau, 1.0 / tau, bt)
-            pk._pairs_bwd_image_kernel[(ni, h + 1, splits)](
+            pk._pairs_bwd_image_kernel[(ni, image_side_parts(plan), splits)](
                 *common, dk, dv, dg, *sizes, per_split, **plan.bwd_constexprs(), **cfg["bwd_image"].options())
             pk._pairs_bwd_text_kernel[(triton.cdiv(nt, cfg["bwd_text"].bt), 2 * h)](
                 *common, dq, du, *sizes, **plan.bwd_constexprs(), **cfg["bwd_text"].options())

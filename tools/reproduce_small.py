@@ -525,22 +525,22 @@ def _setup_lines(runs: list[Run], data: Path, command: str, wall: float, total_w
 
 
 def render(results: list[Result], runs: list[Run], data: Path, command: str, wall: float, total_wall: float,
-           chance: dict[str, float], params: dict[str, int], mixing: Optional[tuple[list[Path], float]],
+           chance: dict[str, float], params: dict[str, int], mixing: Optional[tuple[list[Path], list[float]]],
            plot_path: Optional[Path], out: Path) -> str:
     """The report, without the kept notes."""
-    agg = per_variant(results)
+    values = per_variant(results)
     steps = {r.name: r.config.steps for r in runs}
     labels = {"llip-flops": f"llip-flops ({steps.get('llip-flops')} steps)"}
     lines = ["# Small-scale comparison: Llip vs SigLIP vs CLIP", ""]
     lines += _setup_lines(runs, data, command, wall, total_wall, results, params)
     lines += ["## Equal steps: mean ± std over seeds (percent)", ""]
-    lines += _means_table(agg, [n for n in agg if n != "llip-flops" and not n.endswith("-release")], labels, chance)
+    lines += _means_table(values, [n for n in values if n != "llip-flops" and not n.endswith("-release")], labels, chance)
     lines += _differences(results, "llip", ["siglip", "clip"])
-    if "llip-flops" in agg:
+    if "llip-flops" in values:
         lines += ["## Equal training FLOPs: mean ± std over seeds (percent)", "",
                   f"Llip trains {steps['llip-flops']} steps, the baselines {steps.get('siglip', steps.get('clip'))}: "
                   "the same model FLOPs.", ""]
-        lines += _means_table(agg, ["llip-flops", "siglip", "clip"], labels, chance)
+        lines += _means_table(values, ["llip-flops", "siglip", "clip"], labels, chance)
         lines += _differences(results, "llip-flops", ["siglip", "clip"])
     lines += ["## What the first image a single-object caption retrieves has (percent)", "",
               "For each caption of eval/objects (\"a small red star on the left.\"), the image the model "
@@ -550,7 +550,7 @@ def render(results: list[Result], runs: list[Run], data: Path, command: str, wal
     lines += binding_table(results)
     lines += ["## Held-out loss (mean over seeds) at each evaluation", "",
               "Sigmoid and softmax losses are on different scales: compare each row with itself.", ""]
-    lines += heldout_table(results, list(agg))
+    lines += heldout_table(results, list(values))
     plateau = plateau_lines(results)
     if plateau:
         lines += ["## The bias init and the loss plateau", ""] + plateau
