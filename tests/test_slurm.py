@@ -87,27 +87,26 @@ def _proc(pid: int, name: str) -> str:
         return ""
 
 
-def data_workers(job_id: str, node: str = "") -> list[int]:
-    """The DataLoader workers of the job's step 0 (on ``node``; default: this machine's slurmd)
-    that have started their loop: children of its tasks forked from them (same command line, which
-    a compiler's vfork also has until it execs) that named themselves ``pt_data_worker``, as torch's
-    worker loop does first. Stopping a child before that can stop something else: in one run the
-    hold stopped a child with a worker's command line that never became a worker, stayed named
-    ``python`` after SIGCONT, and its rank never trained a step."""
+def step_tasks(job_id: str, node: str = "") -> set[int]:
+    """The task processes of the job's step 0 (on ``node``; default: this machine's slurmd)."""
     out = subprocess.run(["scontrol", "listpids", f"{job_id}.0", *([node] if node else [])], capture_output=True,
                          text=True)
     rows = [line.split() for line in out.stdout.splitlines()[1:]]
-    tasks = {int(row[0]) for row in rows if len(row) == 5 and row[4].isdigit()}
+    return {int(row[0]) for row in rows if len(row) == 5 and row[4].isdigit()}
+
+
+def started_workers(tasks: set[int]) -> list[int]:
+    """The DataLoader workers of ``tasks`` that have started their loop: children forked from a
+    task (same command line, which a compiler's vfork also has until it execs) that named
+    themselves ``pt_data_worker``, as torch's worker loop does first. Stopping a child before that
+    can stop something else: in one run the hold stopped a child with a worker's command line that
+    never became a worker, stayed named ``python`` after SIGCONT, and its rank never trained a step.
+    Read from /proc, so a poll costs microseconds."""
     workers = []
-    for row in rows:
-        pid = int(row[0]) if row and row[0].isdigit() else None
-        if pid is None or pid in tasks:
-            continue
-        stat = _proc(pid, "stat")
-        ppid = int(stat.rsplit(")", 1)[1].split()[1]) if stat else None
-        if ppid in tasks and _proc(pid, "cmdline") == _proc(ppid, "cmdline") and \
-                _proc(pid, "comm").strip() == "pt_data_worker":
-            workers.append(pid)
+    for task in tasks:
+        for pid in map(int, _proc(task, f"task/{task}/children").split()):
+            if _proc(pid, "cmdline") == _proc(task, "cmdline") and _proc(pid, "comm").strip() == "pt_data_worker":
+                workers.append(pid)
     return workers
 
 
@@ -122,12 +121,12 @@ def run_seconds(job_id: str) -> int:
 
 
 def wait_until(what: str, condition: Callable[[], bool], launch: Optional[subprocess.Popen] = None,
-               log: Optional[Callable[[], str]] = None) -> None:
+               log: Optional[Callable[[], str]] = None, poll_s: float = 0.5) -> None:
     """Poll ``condition`` until it holds; fail early, with its output, when the launch ended first.
     ``log``: what else to show when it fails (e.g. the tasks' logs of a launch that hangs)."""
     ended = (lambda: launch.poll() is not None) if launch is not None else (lambda: False)
     try:
-        wait_for(condition, what, ended, poll_s=0.5)
+        wait_for(condition, what, ended, poll_s=poll_s)
     except AssertionError as e:
         output = f"\n{tail(launch.stdout.read())}" if launch is not None and ended() else ""
         logged = f"\n{tail(log(), 60)}" if log is not None else ""
@@ -160,21 +159,31 @@ class Launch:
     def state(self) -> Optional[str]:
         return job_field(self.job_id, "JobState")
 
-    def data_workers(self) -> list[int]:
-        return data_workers(self.job_id)
+    def tasks(self) -> set[int]:
+        return step_tasks(self.job_id)
 
     def slurmd_log(self) -> str:
         return slurmd_log()
 
     def hold(self) -> None:
         """Hold the run early, mid-run, whatever the machine's speed: stop (SIGSTOP) the tasks'
-        DataLoader workers once they exist, so training blocks at step 1-3 waiting for data. Slurm
-        sends SIGCONT ahead of every signal it delivers, which lets them go on."""
-        wait_until("the DataLoader workers", lambda: len(self.data_workers()) == 2, self.proc)
+        DataLoader workers as soon as they have started their loop, so training blocks at step 1-3
+        waiting for data (the whole run takes a few seconds: the workers are watched through /proc
+        every few milliseconds, not through scontrol). Slurm sends SIGCONT ahead of every signal it
+        delivers, which lets them go on."""
+        wait_until("the job's tasks", lambda: len(self.tasks()) == 2, self.proc)
+        tasks = self.tasks()
         self.log_offset = len(self.slurmd_log())  # the log outlives job ids: read only what comes next
-        self.workers = self.data_workers()
-        for pid in self.workers:
-            os.kill(pid, signal.SIGSTOP)
+        self.workers: list[int] = []
+
+        def stop_started() -> bool:
+            for pid in started_workers(tasks):
+                if pid not in self.workers:
+                    os.kill(pid, signal.SIGSTOP)
+                    self.workers.append(pid)
+            return len(self.workers) == 2
+
+        wait_until("the DataLoader workers", stop_started, self.proc, poll_s=0.005)
 
     def release_after(self, signum: int) -> None:
         """Wait until slurmd delivered ``signum`` to the job's step; make sure the workers go on."""

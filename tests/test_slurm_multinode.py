@@ -45,9 +45,9 @@ from test_slurm import (
     Launch,
     _preempt,
     check_exact_resume,
-    data_workers,
     requeued,
     slurmd_log,
+    step_tasks,
     wait_until,
 )
 
@@ -143,8 +143,8 @@ def cluster():
 class NodesLaunch(Launch):
     """A launch on the 2-node instance: its workers and signals are found on each node."""
 
-    def data_workers(self) -> list[int]:
-        return [pid for node in NODES for pid in data_workers(self.job_id, node)]
+    def tasks(self) -> set[int]:
+        return {pid for node in NODES for pid in step_tasks(self.job_id, node)}
 
     def slurmd_log(self) -> str:
         return slurmd_log("slurmd-node1.log")
